@@ -1,0 +1,191 @@
+"""The config tree: one typed dataclass per component, defaults only on the fields.
+
+Every field carries a one-line ``help`` in its metadata; ``README.md``'s config reference is generated
+from it (``python tools/config_reference.py``) and a test keeps the two in sync. Loading, dotted
+overrides, validation and YAML dumping live in ``loader.py``; cross-field rules in ``validate.py``.
+
+Each component receives only its own sub-config (``cfg.algorithm.vgpo`` goes to the VGPO functions,
+``cfg.parallel`` to the process-group setup, ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_vgpo.algorithms.vgpo import VGPOConfig
+
+
+def doc(default, help: str, **kw):
+    """A dataclass field with its default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def sub(cls, help: str):
+    """A nested sub-config field."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = doc("", "Hugging Face Qwen2.5-VL checkpoint directory (config, tokenizer, processor, weights).")
+    megatron_path: str = doc("", "Megatron dist checkpoint to initialise the policy from; empty: convert from hf_path.")
+    params_dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "bfloat16", "Dtype of the trained parameters (float32 on CPU for exact tests).")
+    freeze_vision: bool = doc(False, "Freeze the vision tower (patch embed, blocks and merger).")
+    attention_backend: Literal["auto", "te", "local"] = doc(
+        "auto", "Layer spec: Transformer-Engine if importable ('auto'), or Megatron's local spec.")
+    recompute_activations: bool = doc(False, "Full activation recomputation of every transformer layer.")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = doc(1, "Tensor-parallel size (TP) of the trainer.")
+    pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel size (PP); the vision tower sits on stage 0.")
+    virtual_pipeline_model_parallel_size: Optional[int] = doc(
+        None, "Model chunks per pipeline rank (interleaved schedule); null disables it.")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs TP > 1).")
+    backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; 'auto': nccl on GPU, gloo on CPU.")
+    timeout_minutes: int = doc(30, "Collective timeout in minutes.")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = doc(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = doc(1.0, "Nucleus sampling threshold in (0, 1].")
+    top_k: int = doc(-1, "Top-k sampling; -1 disables it.")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["vllm"] = doc("vllm", "Rollout engine implementation.")
+    n: int = doc(8, "Responses sampled per prompt (the group size G).")
+    tensor_model_parallel_size: int = doc(1, "Rollout engine TP (may differ from the trainer's).")
+    max_prompt_length: int = doc(4096, "Prompt tokens at most (image tokens included); longer rows are skipped.")
+    max_response_length: int = doc(2048, "Generated tokens at most per response.")
+    sampling: SamplingConfig = sub(SamplingConfig, "Sampling parameters for training rollouts.")
+    val_temperature: float = doc(0.0, "Sampling temperature for validation (0 = greedy).")
+    gpu_memory_utilization: float = doc(0.6, "Fraction of GPU memory vLLM may take (GPU only).")
+    kv_cache_memory_bytes: Optional[int] = doc(
+        None, "KV cache size in bytes; required on CPU, where vLLM cannot size it from the device.")
+    enable_sleep_mode: bool = doc(True, "Free KV cache and weights during training (GPU only; ignored on CPU).")
+    enforce_eager: bool = doc(False, "Disable CUDA graphs in the engine.")
+    weight_sync_bucket_mb: int = doc(512, "Bucket size in MiB for streaming resharded weights into the engine.")
+    seed: int = doc(1, "Base seed of the rollout sampler.")
+
+
+@dataclass
+class OverlongConfig:
+    enable: bool = doc(False, "DAPO soft overlong punishment.")
+    buffer_length: int = doc(512, "Length of the soft-punishment buffer before max_response_length.")
+    penalty_factor: float = doc(1.0, "Penalty at max_response_length (linear ramp over the buffer).")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enable: bool = doc(True, "DAPO dynamic sampling: drop groups whose rewards are all equal, refill.")
+    max_batches: int = doc(4, "Rollout batches sampled at most per step while refilling.")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: Literal["grpo", "drgrpo"] = doc(
+        "grpo", "Outcome advantage: 'grpo' (r - mean) / (std + eps); 'drgrpo' r - mean (no std scaling).")
+    shaping: Literal["vgpo", "none"] = doc("vgpo", "Token-level advantage shaping: VGPO, or none (plain DAPO).")
+    clip_ratio_low: float = doc(0.2, "PPO clip eps_low: ratio >= 1 - eps_low.")
+    clip_ratio_high: float = doc(0.28, "PPO clip-higher eps_high: ratio <= 1 + eps_high.")
+    clip_ratio_c: Optional[float] = doc(3.0, "Dual-clip bound c (> 1) for negative advantages; null disables it.")
+    kl_coef: float = doc(0.0, "Coefficient of the low-variance (k3) KL to the reference policy; 0 disables it.")
+    entropy_coef: float = doc(0.0, "Entropy bonus coefficient; 0 disables it.")
+    adv_eps: float = doc(1e-6, "eps in the GRPO std normalisation.")
+    ppo_epochs: int = doc(1, "Passes over each rollout batch.")
+    hidden_states_from: Literal["old", "current"] = doc(
+        "old", "VGPO hidden states from the pi_old log-prob pass, or the current policy per micro-batch.")
+    dynamic_sampling: DynamicSamplingConfig = sub(DynamicSamplingConfig, "DAPO dynamic sampling.")
+    overlong: OverlongConfig = sub(OverlongConfig, "DAPO soft overlong penalty.")
+    vgpo: VGPOConfig = sub(VGPOConfig, "VGPO shaping hyper-parameters (VGPO_SPEC.md).")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam"] = doc("adam", "Optimizer (Megatron's; distributed optimizer on GPU).")
+    lr: float = doc(1e-6, "Peak learning rate.")
+    min_lr: float = doc(0.0, "Learning rate at the end of the decay.")
+    weight_decay: float = doc(0.01, "Decoupled weight decay.")
+    adam_beta1: float = doc(0.9, "Adam beta1.")
+    adam_beta2: float = doc(0.999, "Adam beta2.")
+    adam_eps: float = doc(1e-8, "Adam epsilon.")
+    clip_grad: float = doc(1.0, "Global gradient-norm clipping; 0 disables it.")
+    lr_warmup_steps: int = doc(0, "Linear warmup steps.")
+    lr_decay_style: Literal["constant", "linear", "cosine"] = doc("constant", "Decay after warmup.")
+    use_distributed_optimizer: bool = doc(True, "Shard optimizer states over DP (GPU only; plain optimizer on CPU).")
+
+
+@dataclass
+class DataConfig:
+    train_files: list = doc([], "Training files (parquet, json or jsonl) in the EasyR1/verl schema.")
+    val_files: list = doc([], "Validation files; accuracy is reported per file.")
+    prompt_key: str = doc("problem", "Column with the question, one literal <image> per image.")
+    answer_key: str = doc("answer", "Column with the ground-truth answer (a string).")
+    image_key: str = doc("images", "Column with the list of images ({'bytes', 'path'} structs, bytes or paths).")
+    image_dir: str = doc("", "Directory relative image paths are resolved against.")
+    min_pixels: int = doc(262144, "Images are resized to have at least this many pixels.")
+    max_pixels: int = doc(4194304, "Images are resized to have at most this many pixels.")
+    rollout_batch_size: int = doc(512, "Prompts per rollout batch.")
+    val_batch_size: int = doc(1024, "Prompts per validation batch; -1: the whole validation set.")
+    shuffle: bool = doc(True, "Shuffle the training set each epoch.")
+    seed: int = doc(1, "Seed of the data order.")
+
+
+@dataclass
+class RewardConfig:
+    grader: Literal["mathruler", "math_verify"] = doc("mathruler", "Grader of the last \\boxed{} answer.")
+    format_weight: float = doc(0.0, "Weight of the format reward (<think>...</think> then \\boxed{}); 0 disables it.")
+    timeout_s: float = doc(5.0, "Wall-clock limit per grading call; a timeout scores 0.")
+    num_workers: int = doc(2, "Grading worker processes.")
+    custom_fn: str = doc("", "User reward as 'module:function'; replaces the accuracy grader when set.")
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = doc("checkpoints", "Directory of step checkpoints; `latest` names the newest complete one.")
+    save_interval: int = doc(50, "Save every k steps; 0 saves only at the end.")
+    keep_last: int = doc(2, "Complete checkpoints kept; older ones are removed.")
+    resume: bool = doc(True, "Resume from save_dir's latest checkpoint when one exists.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str = doc("runs", "TensorBoard log directory; the resolved config is saved beside it.")
+    run_name: str = doc("vgpo", "Run name (sub-directory of tensorboard_dir).")
+    log_interval: int = doc(1, "Log every k steps.")
+    progress_bar: bool = doc(True, "Console progress bar with step, ETA and reward.")
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = doc(150, "Optimisation steps (each: rollout, update, weight sync).")
+    global_batch_size: int = doc(128, "Prompts per PPO mini-batch (x rollout.n responses).")
+    micro_batch_size: int = doc(1, "Responses per micro-batch in the Megatron pipeline.")
+    val_interval: int = doc(10, "Validate every k steps (and before the first); 0 disables validation.")
+    val_before_train: bool = doc(True, "Validate before the first step.")
+    seed: int = doc(42, "Global seed (model init, dropout, sampling).")
+    device: Literal["auto", "cuda", "cpu"] = doc("auto", "Device; 'auto': cuda if available.")
+
+
+@dataclass
+class Config:
+    """The whole run. `python -m megatron_vgpo.train --config FILE key.sub=value ...`."""
+
+    model: ModelConfig = sub(ModelConfig, "The policy model.")
+    parallel: ParallelConfig = sub(ParallelConfig, "Trainer parallelism; DP = world_size / (TP x PP).")
+    rollout: RolloutConfig = sub(RolloutConfig, "The rollout engine and sampling.")
+    algorithm: AlgorithmConfig = sub(AlgorithmConfig, "Advantages, policy loss and VGPO shaping.")
+    optimizer: OptimizerConfig = sub(OptimizerConfig, "Optimizer and learning-rate schedule.")
+    data: DataConfig = sub(DataConfig, "Datasets and prompts.")
+    reward: RewardConfig = sub(RewardConfig, "Reward functions.")
+    checkpoint: CheckpointConfig = sub(CheckpointConfig, "Checkpointing and resume.")
+    logging: LoggingConfig = sub(LoggingConfig, "TensorBoard and console logging.")
+    trainer: TrainerConfig = sub(TrainerConfig, "The training loop.")

@@ -1,0 +1,78 @@
+"""Cross-field rules of the config tree: what no single field's type can say.
+
+Each rule raises ``ConfigError`` naming the field(s), the bad value(s) and what is allowed. Ranges
+of a component's own hyper-parameters live with the component (e.g. ``VGPOConfig.__post_init__``);
+the rules here are about one section against another, or about the world size.
+"""
+
+from __future__ import annotations
+
+from megatron_vgpo.config.loader import ConfigError
+from megatron_vgpo.distributed.layout import ParallelLayout, parallel_layout
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(cfg, paths: list[str]) -> None:
+    for path in paths:
+        value = cfg
+        for key in path.split("."):
+            value = getattr(value, key)
+        _require(value > 0, f"{path}={value!r} is invalid: must be > 0")
+
+
+def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
+    """Check ``cfg`` (a ``Config``); with ``world_size`` also check and return the parallel layout."""
+    _positive(cfg, [
+        "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.timeout_minutes",
+        "rollout.n", "rollout.tensor_model_parallel_size", "rollout.max_prompt_length",
+        "rollout.max_response_length", "rollout.weight_sync_bucket_mb", "optimizer.lr", "optimizer.adam_eps",
+        "data.min_pixels", "data.max_pixels", "data.rollout_batch_size", "reward.timeout_s", "reward.num_workers",
+        "checkpoint.keep_last", "logging.log_interval", "trainer.total_steps", "trainer.global_batch_size",
+        "trainer.micro_batch_size", "algorithm.ppo_epochs", "algorithm.adv_eps",
+        "algorithm.dynamic_sampling.max_batches", "algorithm.overlong.buffer_length",
+    ])
+    par, alg, ro, data, opt = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.data, cfg.optimizer
+    vpp = par.virtual_pipeline_model_parallel_size
+    _require(vpp is None or (vpp >= 2 and par.pipeline_model_parallel_size >= 2),
+             f"parallel.virtual_pipeline_model_parallel_size={vpp!r} is invalid: needs >= 2 chunks and "
+             f"parallel.pipeline_model_parallel_size >= 2 (got {par.pipeline_model_parallel_size}); or null")
+    _require(not par.sequence_parallel or par.tensor_model_parallel_size > 1,
+             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    _require(0 <= alg.clip_ratio_low < 1, f"algorithm.clip_ratio_low={alg.clip_ratio_low} is invalid: must be in [0, 1)")
+    _require(alg.clip_ratio_high >= 0, f"algorithm.clip_ratio_high={alg.clip_ratio_high} is invalid: must be >= 0")
+    _require(alg.clip_ratio_c is None or alg.clip_ratio_c > 1,
+             f"algorithm.clip_ratio_c={alg.clip_ratio_c} is invalid: the dual-clip bound must be > 1, or null")
+    _require(alg.kl_coef >= 0 and alg.entropy_coef >= 0,
+             f"algorithm.kl_coef={alg.kl_coef} / algorithm.entropy_coef={alg.entropy_coef}: must be >= 0")
+    _require(ro.n >= 2, f"rollout.n={ro.n} is invalid: group-relative advantages need >= 2 responses per prompt")
+    _require(ro.sampling.temperature >= 0, f"rollout.sampling.temperature={ro.sampling.temperature}: must be >= 0")
+    _require(0 < ro.sampling.top_p <= 1, f"rollout.sampling.top_p={ro.sampling.top_p}: must be in (0, 1]")
+    _require(not alg.overlong.enable or alg.overlong.buffer_length <= ro.max_response_length,
+             f"algorithm.overlong.buffer_length={alg.overlong.buffer_length} exceeds "
+             f"rollout.max_response_length={ro.max_response_length}")
+    _require(data.min_pixels <= data.max_pixels,
+             f"data.min_pixels={data.min_pixels} exceeds data.max_pixels={data.max_pixels}")
+    _require(data.rollout_batch_size % cfg.trainer.global_batch_size == 0,
+             f"data.rollout_batch_size={data.rollout_batch_size} must be a multiple of "
+             f"trainer.global_batch_size={cfg.trainer.global_batch_size} (PPO mini-batches per rollout batch)")
+    _require(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
+    _require(opt.clip_grad >= 0, f"optimizer.clip_grad={opt.clip_grad}: must be >= 0 (0 disables clipping)")
+    _require(opt.lr_warmup_steps >= 0, f"optimizer.lr_warmup_steps={opt.lr_warmup_steps}: must be >= 0")
+    _require(not cfg.reward.custom_fn or ":" in cfg.reward.custom_fn,
+             f"reward.custom_fn={cfg.reward.custom_fn!r} is invalid: expected 'module:function'")
+    if world_size is None:
+        return None
+    try:
+        layout = parallel_layout(par, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    responses = cfg.trainer.global_batch_size * ro.n
+    per_step = layout.dp * cfg.trainer.micro_batch_size
+    _require(responses % per_step == 0,
+             f"trainer.global_batch_size x rollout.n = {responses} responses per mini-batch is not divisible by "
+             f"DP x trainer.micro_batch_size = {layout.dp} x {cfg.trainer.micro_batch_size}")
+    return layout

@@ -1,0 +1,47 @@
+"""Entry point: ``python -m megatron_vgpo.train --config FILE [key.sub=value ...] [--dry-run]``.
+
+Under torchrun every rank runs this SPMD. ``--dry-run`` validates the config, prints the resolved
+config and the TP x PP x DP layout for the world size (``--world-size``, else torchrun's WORLD_SIZE,
+else 1) and exits 0; any config problem exits 2 with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_vgpo.config import ConfigError, dump_yaml, load_config, validate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megatron_vgpo.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config file (see examples/configs/)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and layout, exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="world size to lay out in --dry-run (default: $WORLD_SIZE, else 1)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        layout = validate(cfg, world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        print(f"# parallel layout: {layout.describe()}")
+        return 0
+    print("the training loop is not implemented yet (it lands with issue 5); run with --dry-run",
+          file=sys.stderr)
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
