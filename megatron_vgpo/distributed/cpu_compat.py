@@ -32,6 +32,11 @@ Patches, each with why:
 3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the pipeline-tied output weight with
    ``weight.data.cuda()`` before the first/last-stage all-reduce; it runs with ``Tensor.cuda`` as the
    identity for the duration of that call only.
+4. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts every gradient is a
+   ``torch.cuda.FloatTensor``; the optimizer's gradient clipping goes through a CPU version of it
+   (same signature and arithmetic: grads scaled in place by ``max_norm / (total_norm + 1e-6)`` when
+   that is below 1). The norm itself (``get_grad_norm_fp32``, all-reduced over the model-parallel
+   groups, TP duplicates counted once) is Megatron's own.
 
 Facts measured with megatron-core 0.16.1 on CPU/gloo (not patched; the callers must respect them):
 - virtual pipeline with ``batch_p2p_comm=True`` (the default) gives silently wrong losses on gloo:
@@ -209,6 +214,24 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Patch 4: Megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA-only assertion."""
+    if isinstance(parameters, _REAL_TORCH.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        _REAL_TORCH._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+
 def cpu_compat_needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -223,6 +246,7 @@ def apply_cpu_compat() -> bool:
             importlib.import_module(name)
         _patch_rng_tracker()
         _patch_tied_embedding_setup()
+        _patch_grad_clipping()
         _ONCE_DONE = True
     _patch_megatron_modules()  # again each call: picks up megatron modules imported since
     return True

@@ -45,3 +45,24 @@ def test_rng_tracker_forks_the_cpu_generator(world_of_one):
     torch.manual_seed(7)
     assert torch.equal(outside, torch.rand(4)), "a fork must not consume the default stream"
     assert not torch.equal(inside, outside) and not torch.equal(inside, inside_again)
+
+
+def test_megatron_grad_clipping_runs_on_cpu_and_matches_torch():
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    apply_cpu_compat()
+    assert optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, r in zip(params, ref):
+        p.grad = torch.randn(p.shape, generator=gen)
+        r.grad = p.grad.clone()
+    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=0.5, total_norm=total)
+    torch.nn.utils.clip_grad_norm_(ref, max_norm=0.5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r.grad)
+    before = [p.grad.clone() for p in params]
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=100.0, total_norm=0.5)  # below the max: unchanged
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, params))
