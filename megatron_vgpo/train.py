@@ -8,6 +8,7 @@ else 1) and exits 0; any config problem exits 2 with a message naming the field.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -38,9 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         print(f"# parallel layout: {layout.describe()}")
         return 0
-    print("the training loop is not implemented yet (it lands with issue 5); run with --dry-run",
-          file=sys.stderr)
-    return 3
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_vgpo.trainer import Trainer
+
+    summary = Trainer.from_config(cfg).train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(accuracy_table(summary))
+    return 0
+
+
+def accuracy_table(summary: dict) -> str:
+    """The final validation accuracies as a small text table."""
+    rows = [(k.removeprefix("val/accuracy").strip("/") or "all", v) for k, v in sorted(summary.items())
+            if k.startswith("val/accuracy")]
+    width = max([len(name) for name, _ in rows] + [7])
+    lines = [f"{'dataset':<{width}}  accuracy", f"{'-' * width}  --------"]
+    lines += [f"{name:<{width}}  {value:8.3f}" for name, value in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

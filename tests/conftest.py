@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import megatron_vgpo  # noqa: F401  (first: installs the torchvision shim before anything imports torchvision)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_STD = 0.1
 

@@ -72,9 +72,9 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
         layout = parallel_layout(par, world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    responses = cfg.trainer.global_batch_size * ro.n
-    per_step = layout.dp * cfg.trainer.micro_batch_size
-    _require(responses % per_step == 0,
-             f"trainer.global_batch_size x rollout.n = {responses} responses per mini-batch is not divisible by "
-             f"DP x trainer.micro_batch_size = {layout.dp} x {cfg.trainer.micro_batch_size}")
+    # Each PPO mini-batch's groups are shared over the DP ranks (a group never splits): every rank
+    # needs at least one. A short last micro-batch is fine.
+    _require(cfg.trainer.global_batch_size >= layout.dp,
+             f"trainer.global_batch_size={cfg.trainer.global_batch_size} prompts per mini-batch cannot be shared "
+             f"over DP = {layout.dp} data-parallel ranks (needs >= {layout.dp})")
     return layout

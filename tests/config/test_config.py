@@ -176,11 +176,11 @@ def test_world_size_rules():
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel\.tensor_model_parallel_size "
                                           r"x parallel\.pipeline_model_parallel_size = 2 x 2 = 4"):
         validate(cfg, world_size=6)
-    cfg = load_config(None, ["trainer.global_batch_size=4", "data.rollout_batch_size=4", "rollout.n=3",
-                             "trainer.micro_batch_size=5"])
-    with pytest.raises(ConfigError, match=r"12 responses per mini-batch is not divisible by DP x "
-                                          r"trainer\.micro_batch_size = 1 x 5"):
-        validate(cfg, world_size=1)
+    cfg = load_config(None, ["trainer.global_batch_size=2", "data.rollout_batch_size=4"])
+    assert validate(cfg, world_size=2).dp == 2
+    with pytest.raises(ConfigError, match=r"trainer\.global_batch_size=2 prompts per mini-batch cannot be shared "
+                                          r"over DP = 4 data-parallel ranks"):
+        validate(cfg, world_size=4)
 
 
 def _train(*args, env=None):

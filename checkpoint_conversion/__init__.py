@@ -1,0 +1,1 @@
+"""HF <-> Megatron checkpoint conversion scripts (thin CLIs over ``megatron_vgpo.checkpoint.convert``)."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# CPU quickstart: a tiny random Qwen2.5-VL, the synthetic counting task, VGPO training with vLLM
+# rollouts, TensorBoard logs in outputs/runs/cpu_tiny, a final accuracy table.
+#   bash examples/quickstart_cpu.sh [key.sub=value ...]      (overrides go to the trainer)
+# Under torchrun (e.g. TP 2 x PP 2):
+#   torchrun --nproc-per-node 4 -m megatron_vgpo.train --config examples/configs/cpu_tiny.yaml \
+#       parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs}
+[ -f "$OUT/tiny-qwen25vl/config.json" ] || python tools/make_tiny_qwen25vl.py --output "$OUT/tiny-qwen25vl" --seed 0
+[ -f "$OUT/synthetic/train.parquet" ] || python tools/make_synthetic_dataset.py --output "$OUT/synthetic" --train 1024 --val 64 --seed 0
+exec python -m megatron_vgpo.train --config examples/configs/cpu_tiny.yaml \
+    model.hf_path="$OUT/tiny-qwen25vl" \
+    "data.train_files=[$OUT/synthetic/train.parquet]" \
+    "data.val_files=[$OUT/synthetic/val.parquet, $OUT/synthetic/val_blank.parquet]" "$@"

@@ -1,0 +1,188 @@
+"""The VGPO training loop, SPMD on every torchrun rank.
+
+One step: rollout (prompts -> n responses each from the vLLM engine -> rewards -> DAPO dynamic
+sampling, refilling) -> the pi_old pass through the Megatron pipeline, whose last stage turns each
+micro-batch's hidden states into old log-probs and VGPO focus scores at once -> group advantages and
+VGPO shaping (per-trajectory sums gathered over data-parallel ranks) -> PPO mini-batch updates ->
+weight sync into the engine -> validation every k steps -> logging -> checkpoint.
+
+Who holds what: every rank holds the whole rollout batch (the engine's data-parallel groups
+generate shares and all-gather, rewards are graded on rank 0 and broadcast), so batch composition,
+advantages and mini-batches are computed identically everywhere; each data-parallel rank trains on
+its share of the groups; log-probs, focus scores and the loss live on the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_vgpo.algorithms.advantages import compute_grpo_outcome_advantages
+from megatron_vgpo.algorithms.vgpo import combine_advantages, inter_trajectory_factor, trajectory_weights, vgpo_metrics
+from megatron_vgpo.training.experience import build_experience
+from megatron_vgpo.training.rollout import RolloutStep, Rollouts
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Build with ``Trainer.from_config(cfg)`` (see ``training/build.py``); run with ``train()``."""
+
+    def __init__(self, cfg, groups, actor, rollouts: Rollouts, metrics_logger, checkpoints, val_set):
+        self.cfg, self.groups, self.actor, self.rollouts = cfg, groups, actor, rollouts
+        self.metrics_logger, self.checkpoints, self.val_set = metrics_logger, checkpoints, val_set
+        self.step = 0
+        self.last_metrics: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> "Trainer":
+        from megatron_vgpo.training.build import build_trainer
+
+        return build_trainer(cls, cfg)
+
+    def train(self) -> dict:
+        self.resume()
+        if self.step == 0 and self.cfg.trainer.val_before_train:
+            self.log(self.validate())
+        while self.step < self.cfg.trainer.total_steps:
+            timer, t0 = Timings(), time.perf_counter()
+            batch = timer.time("rollout", self.rollouts.sample, self.step, timer)
+            exp = timer.time("logprob", self.compute_logprobs_and_scores, batch)
+            adv_metrics = self.compute_advantages(batch, exp)
+            update_metrics = timer.time("update", self.update, batch, exp)
+            timer.time("weight_sync", self.rollouts.sync_weights)
+            timer.seconds["step"] = time.perf_counter() - t0
+            self.step += 1
+            metrics = {**batch.metrics, **adv_metrics, **update_metrics, **timer.metrics(),
+                       **self.perf_metrics(batch, timer)}
+            if self.cfg.trainer.val_interval and self.step % self.cfg.trainer.val_interval == 0:
+                metrics.update(self.validate())
+            self.log(metrics)
+            self.maybe_save()
+        return self.final_summary()
+
+    # ------------------------------------------------------------------------------- the steps
+
+    def compute_logprobs_and_scores(self, batch: RolloutStep):
+        """This DP rank's rows -> Experience with old log-probs and focus scores (last stage)."""
+        rows, minibatches = batch.assignment(self.cfg.trainer.global_batch_size, self.groups.dp_rank,
+                                             self.groups.dp_size)
+        exp = build_experience(
+            [batch.prompt_ids[r] for r in rows], [batch.pixel_values[r] for r in rows],
+            [batch.image_grid_thw[r] for r in rows], [batch.responses[r] for r in rows],
+            [batch.response_logprobs[r] for r in rows], [batch.group_ids[r] for r in rows],
+            [batch.rewards[r] for r in rows], pad_token_id=self.rollouts.pad_token_id,
+            image_token_id=self.rollouts.image_token_id)
+        exp.rows, exp.minibatches = rows, minibatches
+        vgpo = self.cfg.algorithm.vgpo if self.cfg.algorithm.shaping == "vgpo" else None
+        exp.old_logprobs, exp.rho = self.actor.old_logprobs_and_scores(exp, vgpo)
+        return exp
+
+    def compute_advantages(self, batch: RolloutStep, exp) -> dict:
+        """GRPO outcome advantages over whole groups, then VGPO shaping (last stage only)."""
+        alg = self.cfg.algorithm
+        outcome = compute_grpo_outcome_advantages(
+            torch.tensor(batch.rewards), torch.tensor(batch.group_ids), eps=alg.adv_eps,
+            scale_by_std=alg.advantage_estimator == "grpo")[exp.rows]
+        if exp.old_logprobs is None:  # not the last stage: the loss never runs here
+            exp.old_logprobs = exp.advantages = torch.zeros(exp.input_ids.shape)
+            return {}
+        metrics = {}
+        if exp.rho is None:
+            exp.advantages = outcome.unsqueeze(-1) * exp.response_mask
+        else:
+            traj = trajectory_weights(exp.rho, exp.response_mask, exp.has_image, alg.vgpo)
+            s, has_image, gids = (self.gather_dp(t) for t in (traj.s, exp.has_image, exp.group_ids))
+            phi_all = inter_trajectory_factor(s, has_image, gids, alg.vgpo)
+            phi = phi_all[self.local_slice(len(exp))]
+            exp.advantages = combine_advantages(outcome, traj.psi, phi, exp.response_mask)
+            valid = exp.response_mask & exp.has_image.unsqueeze(-1)
+            metrics.update({f"vgpo/{k}": v for k, v in
+                            vgpo_metrics(exp.rho * valid, traj, phi, valid, exp.has_image).items()})
+        metrics.update(self.rollouts.mismatch_metrics(exp))
+        return metrics
+
+    def update(self, batch: RolloutStep, exp) -> dict:
+        """PPO epochs over mini-batches of ``global_batch_size`` groups (each DP rank its share)."""
+        steps = []
+        for _ in range(self.cfg.algorithm.ppo_epochs):
+            steps += self.actor.update(exp, exp.minibatches, self.cfg.algorithm)
+        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]} if steps else {}
+
+    def validate(self) -> dict:
+        if self.val_set is None:
+            return {}
+        return self.rollouts.validate(self.val_set)
+
+    # ------------------------------------------------------------------ logging, checkpoints, helpers
+
+    def log(self, metrics: dict) -> None:
+        metrics = self.from_last_stage(metrics)
+        self.metrics_logger.log(self.step, metrics)
+        self.last_metrics.update(metrics)
+
+    def maybe_save(self) -> None:
+        if self.checkpoints.should_save(self.step, self.cfg.trainer.total_steps):
+            self.checkpoints.save(self.step, self.actor.model, self.actor.optimizer, self.actor.scheduler.state_dict(),
+                                  self.rollouts.state_dict(), hf_config_dir=self.cfg.model.hf_path)
+
+    def resume(self) -> None:
+        state = self.checkpoints.resume(self.actor.model, self.actor.optimizer)
+        if state is not None:
+            self.step = state.step
+            self.actor.scheduler.load_state_dict(state.scheduler)
+            self.rollouts.load_state_dict(state.data)
+            self.rollouts.sync_weights()
+
+    def final_summary(self) -> dict:
+        self.metrics_logger.close()
+        return {k: v for k, v in self.last_metrics.items() if k.startswith("val/")}
+
+    def perf_metrics(self, batch: RolloutStep, timer: "Timings") -> dict:
+        tokens = batch.num_tokens
+        return {"perf/tokens_per_s": tokens / max(timer.seconds["step"], 1e-9)}
+
+    def local_slice(self, n_local: int) -> slice:
+        sizes = [None] * self.groups.dp_size
+        dist.all_gather_object(sizes, n_local, group=self.groups.dp_group) if self.groups.dp_size > 1 else None
+        start = sum(sizes[: self.groups.dp_rank]) if self.groups.dp_size > 1 else 0
+        return slice(start, start + n_local)
+
+    def gather_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``[b]`` vectors of every data-parallel rank, in DP-rank order."""
+        if self.groups.dp_size == 1:
+            return t
+        parts = [None] * self.groups.dp_size
+        dist.all_gather_object(parts, t, group=self.groups.dp_group)
+        return torch.cat(parts)
+
+    def from_last_stage(self, metrics: dict) -> dict:
+        """Every rank gets the metrics of the (tp 0, dp 0) rank of the last pipeline stage, merged
+        over the keys every rank computed (timings, rollout statistics)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return metrics
+        mine = metrics if (self.groups.is_last_stage and self.groups.tp_rank == 0 and self.groups.dp_rank == 0) else None
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        last = next(m for m in gathered if m is not None)
+        return {**metrics, **last}
+
+
+class Timings:
+    """Wall-clock seconds of the named sections of one step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def time(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict:
+        return {f"timing_s/{k}": v for k, v in self.seconds.items()}

@@ -1,0 +1,55 @@
+"""Assemble a ``Trainer`` from the resolved config: process groups, policy, optimizer, rollout
+engine, resharder, data, rewards, logging and checkpoints — each component from its own sub-config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def build_trainer(trainer_cls, cfg):
+    from transformers import AutoConfig
+
+    from megatron_vgpo.config import dump_yaml
+    from megatron_vgpo.data import build_train_loader, build_val_dataset, processor_size_overrides
+    from megatron_vgpo.distributed.parallel import init_parallel
+    from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
+    from megatron_vgpo.models.qwen2_5_vl.loading import load_hf_weights
+    from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
+    from megatron_vgpo.rewards import RewardScorer
+    from megatron_vgpo.rollout.data_parallel import RolloutGroups
+    from megatron_vgpo.rollout.vllm_engine import VLLMRolloutEngine
+    from megatron_vgpo.rollout.weight_sync import WeightResharder
+    from megatron_vgpo.training.actor import Actor
+    from megatron_vgpo.training.checkpointing import CheckpointManager
+    from megatron_vgpo.training.logging import MetricsLogger
+    from megatron_vgpo.training.rollout import Rollouts
+
+    groups = init_parallel(cfg.parallel, cfg.trainer.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
+    processor = load_processor(cfg.model.hf_path)
+    chunks = build_policy(hf_config, cfg.model, groups)
+    load_hf_weights(chunks, cfg.model.hf_path)
+    actor = Actor(chunks, groups, cfg.optimizer, cfg.trainer.micro_batch_size, cfg.trainer.total_steps)
+
+    size = processor_size_overrides(cfg.data.min_pixels, cfg.data.max_pixels)
+    # The engine starts from random weights and receives the trainer's at once: one source of truth.
+    engine = VLLMRolloutEngine(cfg.rollout, cfg.model.hf_path, dtype=_DTYPES[cfg.model.params_dtype],
+                               load_format="dummy", mm_processor_kwargs=size)
+    resharder = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    train_loader = build_train_loader(cfg.data, processor, cfg.rollout.max_prompt_length)
+    val_set = build_val_dataset(cfg.data, processor, cfg.rollout.max_prompt_length)
+    scorer = RewardScorer(cfg.reward) if rank == 0 else None
+    rollouts = Rollouts(cfg, engine, resharder, processor, train_loader, scorer, groups,
+                        RolloutGroups.current(cfg.rollout.tensor_model_parallel_size))
+    rollouts.sync_weights()
+    metrics_logger = MetricsLogger(cfg.logging, rank, dump_yaml(cfg), total_steps=cfg.trainer.total_steps)
+    checkpoints = CheckpointManager(cfg.checkpoint, rank, world)
+    return trainer_cls(cfg, groups, actor, rollouts, metrics_logger, checkpoints, val_set)

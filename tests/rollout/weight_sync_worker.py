@@ -1,0 +1,143 @@
+"""torchrun worker of ``test_weight_sync_distributed.py``: Megatron TP2 x PP2 -> vLLM, 4 ranks, gloo.
+
+    torchrun --nproc-per-node 4 weight_sync_worker.py MODEL_DIR OUT_DIR
+
+1. The resharded stream equals the checkpoint's tensors exactly on every rank; one bucket buffer is
+   allocated per sync (reused by every bucket, within the size limit, released at the end); a
+   consumer holding its current tensor while asking for the next never sees it overwritten.
+2. For rollout TP1 (4 rollout groups) and TP2 (2 groups): a vLLM engine built with random ("dummy")
+   weights is filled by the resharder and generates greedily.
+3. Rollout TP2 only: a training-like elementwise update of the Megatron weights, a resync, greedy
+   generation again, and the trainer's log-probs of those rollouts from the Megatron pipeline
+   (forward only); the mismatch metric is taken on the last stage.
+Every rank writes ``OUT_DIR/rank{r}.json``; the test compares with Hugging Face.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from megatron_vgpo.config.schema import ModelConfig, ParallelConfig, RolloutConfig
+from megatron_vgpo.distributed import destroy_parallel, init_parallel
+from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
+from megatron_vgpo.models.qwen2_5_vl.loading import load_hf_weights
+from megatron_vgpo.models.qwen2_5_vl.pipeline import PolicyBatch, run_pipeline
+from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
+from megatron_vgpo.rollout import RolloutGroups, SamplingParams, generate_data_parallel, logprob_mismatch
+from megatron_vgpo.rollout.vllm_engine import VLLMRolloutEngine
+from megatron_vgpo.rollout.weight_sync import WeightResharder
+from tests.rollout.vllm_tp_worker import requests
+
+BUCKET_BYTES = 96 << 10
+GREEDY = SamplingParams(n=1, max_tokens=24, temperature=0.0)
+
+
+def training_like_update(tensor: torch.Tensor) -> torch.Tensor:
+    """An elementwise change (the same on TP shards, replicas and the HF tensors), in place."""
+    return tensor.add_(0.05 * torch.sin(1000.0 * tensor))
+
+
+def check_stream(sync: WeightResharder, model_dir: str) -> dict:
+    """Exactness against the checkpoint; one reused bucket buffer per sync, within the limit; and a
+    consumer that holds only its current tensor (as vLLM's loader does) never sees it overwritten."""
+    from safetensors.torch import load_file
+
+    from megatron_vgpo.models.qwen2_5_vl.name_mapping import canonical_hf_name
+
+    ref = {canonical_hf_name(k): v for k, v in load_file(Path(model_dir) / "model.safetensors").items()}
+    allocations, stats = set(), {"max_buffer_bytes": 0, "held_tensor_overwritten": False}
+    bucket_buffer = sync._bucket_buffer
+
+    def tracked(numel, dtype):
+        view = bucket_buffer(numel, dtype)
+        allocations.add(sync._buffer.data_ptr())
+        stats["max_buffer_bytes"] = max(stats["max_buffer_bytes"], sync._buffer.numel())
+        return view
+
+    sync._bucket_buffer = tracked
+    got, held = {}, None
+    for name, tensor in sync.hf_weights():
+        if held is not None and not torch.equal(held[1], ref[held[0]]):
+            stats["held_tensor_overwritten"] = True
+        got[name], held = tensor.clone(), (name, tensor)
+    del sync._bucket_buffer
+    stats["buffer_allocations"] = len(allocations)
+    stats["exact"] = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    stats["largest_module_bytes"] = max(sum(e.numel * e.dtype.itemsize for e in b.entries if e.module == m)
+                                        for b in sync.buckets for m in {e.module for e in b.entries})
+    stats["num_buckets"] = len(sync.buckets)
+    stats["buffer_released"] = sync._buffer is None
+    return stats
+
+
+def trainer_logprobs(chunks, groups, processor, reqs, batch) -> list:
+    """Log-probs of each rollout's response from the Megatron pipeline (last stage; [] elsewhere)."""
+    micro = []
+    for r, request in enumerate(reqs):
+        pixels = processor.image_processor(images=request.images, return_tensors="pt") if request.images else {}
+        ids = torch.tensor([batch.prompt_token_ids[r] + batch.response_token_ids[r]])
+        micro.append(PolicyBatch(ids, torch.ones_like(ids), pixels.get("pixel_values"), pixels.get("image_grid_thw")))
+
+    def keep(b, out):
+        return out.logprobs.sum() * 0, torch.tensor(1), out.logprobs.detach()
+
+    with torch.no_grad():
+        outputs = run_pipeline(chunks, micro, keep, forward_only=True, return_hidden_states=False)
+    result = []
+    for r, logprobs in enumerate(outputs):
+        n = len(batch.prompt_token_ids[r])
+        result.append(logprobs[0, n - 1: n - 1 + len(batch.response_token_ids[r])].tolist())
+    return result
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    groups = init_parallel(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                                          backend="gloo"))
+    chunks = build_policy(AutoConfig.from_pretrained(model_dir),
+                          ModelConfig(params_dtype="float32", attention_backend="local"), groups)
+    load_hf_weights(chunks, model_dir)
+    for chunk in chunks:
+        chunk.eval()
+    sync = WeightResharder(chunks, groups, bucket_bytes=BUCKET_BYTES)
+    results = {"stream": check_stream(sync, model_dir), "bucket_bytes": BUCKET_BYTES}
+    processor = load_processor(model_dir)
+    reqs = requests(processor)
+
+    for rollout_tp in (1, 2):
+        config = RolloutConfig(tensor_model_parallel_size=rollout_tp, max_prompt_length=256, max_response_length=64,
+                               kv_cache_memory_bytes=64 << 20, enforce_eager=True, enable_sleep_mode=False)
+        engine = VLLMRolloutEngine(config, model_dir, dtype="float32", load_format="dummy")
+        rollout_groups = RolloutGroups.current(rollout_tp)
+        engine.update_weights(sync.hf_weights())
+        batch = generate_data_parallel(engine, reqs, GREEDY, rollout_groups)
+        results[f"rollout_tp{rollout_tp}"] = {"greedy": batch.response_token_ids, "logprobs": batch.response_logprobs}
+        if rollout_tp == 2:
+            with torch.no_grad():
+                for chunk in chunks:
+                    for param in chunk.parameters():
+                        training_like_update(param)
+            engine.update_weights(sync.hf_weights())
+            batch = generate_data_parallel(engine, reqs, GREEDY, rollout_groups)
+            results["after_update"] = {"greedy": batch.response_token_ids, "logprobs": batch.response_logprobs}
+            trainer = trainer_logprobs(chunks, groups, processor, reqs, batch)
+            if groups.is_last_stage:
+                _, rollout, mask = batch.padded()
+                padded = torch.zeros_like(rollout)
+                for r, row in enumerate(trainer):
+                    padded[r, :len(row)] = torch.tensor(row)
+                m = logprob_mismatch(rollout, padded, mask)
+                results["mismatch"] = {"mean": m.mean, "max": float(m.abs_diff_max), "tokens": float(m.num_tokens)}
+        engine.shutdown()
+
+    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
