@@ -31,6 +31,9 @@ def build_trainer(trainer_cls, cfg):
     from megatron_vgpo.training.logging import MetricsLogger
     from megatron_vgpo.training.rollout import Rollouts
 
+    if cfg.algorithm.hidden_states_from != "old":
+        raise ValueError(f"algorithm.hidden_states_from={cfg.algorithm.hidden_states_from!r} is not implemented "
+                         "yet: VGPO scores come from the pi_old log-prob pass ('old')")
     groups = init_parallel(cfg.parallel, cfg.trainer.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
