@@ -133,6 +133,7 @@ class Trainer:
         state = self.checkpoints.resume(self.actor.model, self.actor.optimizer)
         if state is not None:
             self.step = state.step
+            self.metrics_logger.resume_at(state.step)  # TensorBoard drops what the killed run logged later
             self.actor.scheduler.load_state_dict(state.scheduler)
             self.rollouts.load_state_dict(state.data)
             self.rollouts.sync_weights()

@@ -54,5 +54,5 @@ def build_trainer(trainer_cls, cfg):
                         RolloutGroups.current(cfg.rollout.tensor_model_parallel_size))
     rollouts.sync_weights()
     metrics_logger = MetricsLogger(cfg.logging, rank, dump_yaml(cfg), total_steps=cfg.trainer.total_steps)
-    checkpoints = CheckpointManager(cfg.checkpoint, rank, world)
+    checkpoints = CheckpointManager(cfg.checkpoint, rank, world, dp_group=groups.dp_group)
     return trainer_cls(cfg, groups, actor, rollouts, metrics_logger, checkpoints, val_set)

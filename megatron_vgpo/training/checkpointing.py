@@ -23,8 +23,9 @@ Crash safety: a save writes everything into ``step_K.tmp/``; after a barrier ran
 marker, renames the directory to ``step_K/`` and only then replaces ``latest`` (write a temporary
 file, fsync, ``os.replace``). A kill at any moment therefore leaves ``latest`` naming the previous
 complete checkpoint: a ``.tmp`` directory is ignored, and a renamed ``step_K/`` that ``latest`` does
-not name yet is replaced when step K is saved again. Older checkpoints are pruned (``keep_last``)
-only after ``latest`` has moved.
+not name yet is replaced when step K is saved again. Older checkpoints are pruned (``keep_last``;
+0 or less keeps all) only after ``latest`` has moved; so are complete checkpoints of steps after
+``latest`` (left by a run that was resumed from an earlier one).
 
 Exact resume: the RNG states are captured at the start of ``save`` and put back at its end (a save
 never perturbs the run that continues after it), and ``resume`` restores them last, so a resumed
@@ -48,7 +49,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch

@@ -66,7 +66,8 @@ def build(groups, init_seed: int = 0, dropout: float = 0.1) -> TinyRun:
 
     torch.manual_seed(init_seed)
     cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                            params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=dropout, attention_dropout=dropout,
+                            params_dtype=torch.float32, pipeline_dtype=torch.float32,
+                            hidden_dropout=dropout, attention_dropout=dropout,
                             tensor_model_parallel_size=groups.tp_size,
                             pipeline_model_parallel_size=groups.pp_size, **cpu_model_parallel_overrides())
     model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,

@@ -1,0 +1,81 @@
+"""Checkpoints across processes: a real SIGKILL in the middle of a save, and a checkpoint written
+under TP1 x DP2 loaded under TP2 and under PP2 (torchrun, gloo). Workers: ``ckpt_worker.py``."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from megatron_vgpo.config.schema import CheckpointConfig, ParallelConfig
+from megatron_vgpo.distributed import destroy_parallel, init_parallel
+from megatron_vgpo.training.checkpointing import LATEST, CheckpointManager, step_dir_name
+from tests.conftest import run_torchrun
+from tests.training.ckpt_worker import kill_mode
+from tests.training.tiny_loop import TinyData, build, seed_all, train_step
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+
+
+def _killable_worker(save_dir: Path, steps_json: Path) -> None:
+    os.setsid()  # its own session: the kill reaches Megatron's writer processes too, as a job kill does
+    kill_mode(save_dir, steps_json)
+
+
+def _wait_for(path: Path, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.exitcode is not None:
+            pytest.fail(f"the worker exited {proc.exitcode} before pausing in its save")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the worker did not reach the save of step 2 within {timeout}s")
+        time.sleep(0.1)
+
+
+def test_sigkill_during_save_keeps_previous_latest_and_resume_is_exact(tmp_path):
+    save_dir, steps_json = tmp_path / "ckpt", tmp_path / "steps.json"
+    # A forked child, not a fresh interpreter: it inherits the imported Megatron (seconds saved on
+    # 2 cores); no process group exists in this process between tests, so the child starts its own.
+    assert not dist.is_initialized()
+    proc = mp.get_context("fork").Process(target=_killable_worker, args=(save_dir, steps_json))
+    proc.start()
+    _wait_for(tmp_path / "paused", proc, timeout=240)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.join(timeout=30)
+    assert proc.exitcode == -signal.SIGKILL
+
+    assert (save_dir / LATEST).read_text().strip() == step_dir_name(1)
+    assert sorted(p.name for p in save_dir.iterdir()) == [LATEST, step_dir_name(1), step_dir_name(2) + ".tmp"]
+    killed_run = {int(k): v for k, v in json.loads(steps_json.read_text()).items()}
+
+    groups = init_parallel(ParallelConfig())
+    try:
+        ckpt = CheckpointManager(CheckpointConfig(save_dir=str(save_dir)), 0, 1)
+        run, data = build(groups, init_seed=5), TinyData(seed=1)
+        resumed = ckpt.resume(run.ddp, run.optimizer)
+        assert resumed.step == 1 and not (save_dir / (step_dir_name(2) + ".tmp")).exists()
+        run.scheduler.load_state_dict(resumed.scheduler)
+        data.load_state_dict(resumed.data)
+        after = {step: train_step(run, data) for step in (2, 3, 4)}
+
+        fresh = build(groups, init_seed=0)
+        seed_all(7)
+        fresh_data = TinyData(seed=1)
+        uninterrupted = {step: train_step(fresh, fresh_data) for step in (1, 2, 3, 4)}
+    finally:
+        destroy_parallel()
+    assert killed_run == {k: uninterrupted[k] for k in (1, 2)}
+    assert after == {k: uninterrupted[k] for k in (2, 3, 4)}, "steps after the resume must equal, bit for bit"
+
+
+@pytest.mark.distributed
+def test_checkpoint_loads_under_another_tp_and_pp_layout(tmp_path):
+    out = run_torchrun(WORKER, 2, "layouts", tmp_path / "ckpt", timeout=600)
+    assert out.count("tensors equal") == 4, out[-3000:]
