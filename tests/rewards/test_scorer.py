@@ -84,7 +84,9 @@ def test_math_verify_hang_is_stopped_by_the_pool():
         scorer.score(["\\boxed{1}"], ["1"])
         start = time.monotonic()
         hung, ok = scorer.score(["\\boxed{10^{10^{10^{10}}}}", "\\boxed{\\frac{2}{4}}"], ["1", "\\frac{1}{2}"])
-        assert time.monotonic() - start < TIMEOUT + 4.0  # includes restarting the only worker
+        # The hang is infinite: the bound proves the pool stopped it. It includes restarting the only
+        # worker, which re-imports sympy: over 4 s on a loaded 2-core machine.
+        assert time.monotonic() - start < TIMEOUT + 20.0
     assert hung.error.startswith("timed out") and hung.accuracy == 0.0
     assert ok.accuracy == 1.0 and ok.error is None
 
