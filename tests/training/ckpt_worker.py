@@ -1,6 +1,6 @@
 """Workers of ``test_checkpoint_processes.py``.
 
-    kill_mode(SAVE_DIR, STEPS_JSON)            (run in a forked child of the test)
+    python ckpt_worker.py kill SAVE_DIR STEPS_JSON
         a world of one trains the tiny loop, saves after step 1, writes its metrics to STEPS_JSON,
         then, during the save after step 2, writes SAVE_DIR/../paused and sleeps until killed.
     torchrun --nproc-per-node 2 ckpt_worker.py layouts SAVE_DIR
@@ -81,4 +81,7 @@ def layouts_mode(save_dir: Path) -> None:
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns a process: the guard is required
-    layouts_mode(Path(sys.argv[2]))
+    if sys.argv[1] == "kill":
+        kill_mode(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        layouts_mode(Path(sys.argv[2]))

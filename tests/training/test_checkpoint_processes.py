@@ -4,9 +4,10 @@ under TP1 x DP2 loaded under TP2 and under PP2 (torchrun, gloo). Workers: ``ckpt
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,40 +17,38 @@ import torch.distributed as dist
 from megatron_vgpo.config.schema import CheckpointConfig, ParallelConfig
 from megatron_vgpo.distributed import destroy_parallel, init_parallel
 from megatron_vgpo.training.checkpointing import LATEST, CheckpointManager, step_dir_name
-from tests.conftest import run_torchrun
-from tests.training.ckpt_worker import kill_mode
+from tests.conftest import REPO, run_torchrun
 from tests.training.tiny_loop import TinyData, build, seed_all, train_step
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 
 
-def _killable_worker(save_dir: Path, steps_json: Path) -> None:
-    os.setsid()  # its own session: the kill reaches Megatron's writer processes too, as a job kill does
-    kill_mode(save_dir, steps_json)
-
-
-def _wait_for(path: Path, proc, timeout: float) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if proc.exitcode is not None:
-            pytest.fail(f"the worker exited {proc.exitcode} before pausing in its save")
+        if proc.poll() is not None:
+            pytest.fail(f"the worker exited {proc.returncode} before pausing in its save:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the worker did not reach the save of step 2 within {timeout}s")
+            pytest.fail(f"the worker did not reach the save of step 2 within {timeout}s:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
 
 
 def test_sigkill_during_save_keeps_previous_latest_and_resume_is_exact(tmp_path):
     save_dir, steps_json = tmp_path / "ckpt", tmp_path / "steps.json"
-    # A forked child, not a fresh interpreter: it inherits the imported Megatron (seconds saved on
-    # 2 cores); no process group exists in this process between tests, so the child starts its own.
+    # A fresh interpreter, not a fork: a fork of a pytest process whose torch already ran OpenMP
+    # threads can hang in the child. Its own session: the kill reaches Megatron's writer processes
+    # too, as a job kill does.
     assert not dist.is_initialized()
-    proc = mp.get_context("fork").Process(target=_killable_worker, args=(save_dir, steps_json))
-    proc.start()
-    _wait_for(tmp_path / "paused", proc, timeout=240)
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(WORKER), "kill", str(save_dir), str(steps_json)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for(tmp_path / "paused", proc, log, timeout=240)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.join(timeout=30)
-    assert proc.exitcode == -signal.SIGKILL
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
 
     assert (save_dir / LATEST).read_text().strip() == step_dir_name(1)
     assert sorted(p.name for p in save_dir.iterdir()) == [LATEST, step_dir_name(1), step_dir_name(2) + ".tmp"]
