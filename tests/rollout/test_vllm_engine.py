@@ -115,6 +115,18 @@ def test_seeded_sampling_is_reproducible_and_split_invariant(engine, mm_request,
     assert all(math.isfinite(x) and x <= 0 for lp in a.response_logprobs for x in lp)
 
 
+def test_seeded_sampling_of_a_batch_larger_than_one_engine_step(engine, mm_request, text_request):
+    # 80 prompts x 2 samples: more prefill tokens than vLLM's default per-step budget, so the engine
+    # spreads them over steps. Split prefills rewind CPU generators ("CPU Generator does not use
+    # offset"); the engine keeps prefills whole on CPU, and the rows equal those of a small batch.
+    many = [mm_request, text_request] * 40
+    sampling = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=11)
+    assert sum(len(r.prompt_token_ids) for r in many) * 2 > 2048
+    a = engine.generate(many, sampling)
+    assert a.response_token_ids == engine.generate(many, sampling).response_token_ids
+    assert engine.generate(many[-2:], sampling.shifted(78)).response_token_ids == a.response_token_ids[-4:]
+
+
 def test_finish_reasons_and_lengths(engine, tiny_vl_dir, text_request):
     from transformers import GenerationConfig
 
