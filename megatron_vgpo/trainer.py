@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_vgpo.algorithms.advantages import compute_grpo_outcome_advantages
 from megatron_vgpo.algorithms.vgpo import combine_advantages, inter_trajectory_factor, trajectory_weights, vgpo_metrics
 from megatron_vgpo.training.experience import build_experience
+from megatron_vgpo.training.format_warmup import format_warmup
 from megatron_vgpo.training.rollout import RolloutStep, Rollouts
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class Trainer:
 
     def train(self) -> dict:
         self.resume()
+        if self.step == 0 and self.cfg.trainer.format_warmup.steps:
+            format_warmup(self.actor, self.rollouts, self.cfg, self.groups,
+                          lambda step, m: self.metrics_logger.log(step, self.from_last_stage(m)))
+            self.rollouts.sync_weights()
         if self.step == 0 and self.cfg.trainer.val_before_train:
             self.log(self.validate())
         while self.step < self.cfg.trainer.total_steps:

@@ -165,6 +165,13 @@ class LoggingConfig:
 
 
 @dataclass
+class FormatWarmupConfig:
+    steps: int = doc(0, "Supervised format warm-up steps before RL (targets '<think> </think> \\boxed{X}', X random); 0 disables it.")
+    batch_size: int = doc(32, "Prompts per warm-up step (each data-parallel rank trains on its share).")
+    lr: float = doc(1.0e-3, "Learning rate of the warm-up steps (the RL schedule is not stepped).")
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = doc(150, "Optimisation steps (each: rollout, update, weight sync).")
     global_batch_size: int = doc(128, "Prompts per PPO mini-batch (x rollout.n responses).")
@@ -173,6 +180,7 @@ class TrainerConfig:
     val_before_train: bool = doc(True, "Validate before the first step.")
     seed: int = doc(42, "Global seed (model init, dropout, sampling).")
     device: Literal["auto", "cuda", "cpu"] = doc("auto", "Device; 'auto': cuda if available.")
+    format_warmup: FormatWarmupConfig = sub(FormatWarmupConfig, "Answer-format warm-up for a policy that never writes \\boxed{} (tiny random models).")
 
 
 @dataclass

@@ -34,6 +34,7 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
         "checkpoint.keep_last", "logging.log_interval", "trainer.total_steps", "trainer.global_batch_size",
         "trainer.micro_batch_size", "algorithm.ppo_epochs", "algorithm.adv_eps",
         "algorithm.dynamic_sampling.max_batches", "algorithm.overlong.buffer_length",
+        "trainer.format_warmup.batch_size", "trainer.format_warmup.lr",
     ])
     par, alg, ro, data, opt = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.data, cfg.optimizer
     vpp = par.virtual_pipeline_model_parallel_size
@@ -61,6 +62,8 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
              f"trainer.global_batch_size={cfg.trainer.global_batch_size} (PPO mini-batches per rollout batch)")
     _require(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
     _require(opt.clip_grad >= 0, f"optimizer.clip_grad={opt.clip_grad}: must be >= 0 (0 disables clipping)")
+    _require(cfg.trainer.format_warmup.steps >= 0,
+             f"trainer.format_warmup.steps={cfg.trainer.format_warmup.steps}: must be >= 0 (0 disables it)")
     _require(opt.lr_warmup_steps >= 0, f"optimizer.lr_warmup_steps={opt.lr_warmup_steps}: must be >= 0")
     _require(0 <= cfg.reward.format_weight <= 1,
              f"reward.format_weight={cfg.reward.format_weight} is invalid: must be in [0, 1]")
@@ -76,5 +79,8 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
     # needs at least one. A short last micro-batch is fine.
     _require(cfg.trainer.global_batch_size >= layout.dp,
              f"trainer.global_batch_size={cfg.trainer.global_batch_size} prompts per mini-batch cannot be shared "
+             f"over DP = {layout.dp} data-parallel ranks (needs >= {layout.dp})")
+    _require(not cfg.trainer.format_warmup.steps or cfg.trainer.format_warmup.batch_size >= layout.dp,
+             f"trainer.format_warmup.batch_size={cfg.trainer.format_warmup.batch_size} prompts cannot be shared "
              f"over DP = {layout.dp} data-parallel ranks (needs >= {layout.dp})")
     return layout

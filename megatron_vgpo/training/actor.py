@@ -79,9 +79,11 @@ class Actor:
         rho = scatter_rows([(e["rows"], e["rho"]) for e in extras], len(exp), width) if vgpo is not None else None
         return logprobs, rho
 
-    def update(self, exp: Experience, minibatch_rows: list[list[int]], alg) -> list[dict]:
+    def update(self, exp: Experience, minibatch_rows: list[list[int]], alg, lr: float | None = None,
+               schedule: bool = True) -> list[dict]:
         """One optimizer step per mini-batch of local rows; returns per-step metrics (last stage has the
-        loss metrics; every rank has grad_norm and lr)."""
+        loss metrics; every rank has grad_norm and lr). ``lr`` overrides the learning rate of these
+        steps; ``schedule=False`` leaves the LR schedule where it is (format warm-up)."""
         for m in self.model:
             m.train()
         compute_entropy = alg.entropy_coef > 0
@@ -101,12 +103,16 @@ class Actor:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if lr is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             batches = micro_batches(exp, rows, self.micro_batch_size, old_logprobs=exp.old_logprobs,
                                     advantages=exp.advantages)
             extras = run_pipeline(self.model, batches, loss_fn, compute_entropy=compute_entropy,
                                   return_hidden_states=False)
             _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
+            if schedule:
+                self.scheduler.step(increment=1)
             metrics = {"actor/grad_norm": float(grad_norm or 0.0), "actor/lr": self.optimizer.param_groups[0]["lr"]}
             if extras:
                 sums = sum_metric_sums(extras)
