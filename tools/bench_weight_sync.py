@@ -81,7 +81,8 @@ def worker(args) -> None:
     fresh_s = time.perf_counter() - start
     if groups.rank == 0:
         print("RESULT " + json.dumps(dict(layout=f"{args.tp}x{args.pp}", delivered=delivered, sync_s=sync_s,
-                                          copy_s=copy_s, fresh_s=fresh_s, buckets=len(sync.buckets), largest=largest)), flush=True)
+                                          copy_s=copy_s, fresh_s=fresh_s, buckets=len(sync.buckets),
+                                          transport=type(sync.transport).__name__, largest=largest)), flush=True)
     destroy_parallel()
 
 
@@ -113,13 +114,17 @@ def main() -> None:
     print(f"preset {args.preset}, bucket {args.bucket_mb} MiB, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(f"{'TPxPP':>6} {'GB/rank':>8} {'buckets':>8} {'sync s':>8} {'sync GB/s':>10} {'copy GB/s':>10} "
           f"{'ratio':>6} {'fresh GB/s':>11} {'ratio':>6}")
+    transports = set()
     for layout in args.layouts:
         tp, pp = map(int, layout.split("x"))
         r = run_layout(args, tp, pp)
         gb = r["delivered"] / 1e9
+        transports.add(r["transport"])
         print(f"{layout:>6} {gb:8.2f} {r['buckets']:8d} {r['sync_s']:8.2f} {gb / r['sync_s']:10.2f} "
               f"{gb / r['copy_s']:10.2f} {r['sync_s'] / r['copy_s']:6.2f} {gb / r['fresh_s']:11.2f} "
               f"{r['sync_s'] / r['fresh_s']:6.2f}", flush=True)
+    print(f"transport(s) used: {', '.join(sorted(transports))} (TP = PP = 1 moves nothing: the parameters "
+          f"themselves are streamed)")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ def test_megatron_tp2_pp2_to_vllm_tp1_and_tp2(tiny_vl_dir, processor, tmp_path):
     assert new_tokens != tokens
 
     for rank, got in enumerate(ranks):
-        stream = got["stream"]
-        assert stream["exact"], f"rank {rank}: resharded tensors differ from the checkpoint"
-        assert stream["buffer_allocations"] == 1 and stream["buffer_released"]
-        assert not stream["held_tensor_overwritten"]
-        assert stream["max_buffer_bytes"] <= max(got["bucket_bytes"], stream["largest_module_bytes"])
+        assert got["stream"]["transport"] == "SharedMemoryTransport"  # one host, gloo
+        assert got["stream_collective"]["transport"] == "CollectiveTransport"
+        for stream in (got["stream"], got["stream_collective"]):
+            assert stream["exact"], f"rank {rank} {stream['transport']}: tensors differ from the checkpoint"
+            assert stream["opens"] == 1 and stream["released"]
+            assert not stream["held_tensor_overwritten"]
+            assert stream["max_buffer_bytes"] <= max(got["bucket_bytes"], stream["largest_module_bytes"])
         for tp in (1, 2):
             assert got[f"rollout_tp{tp}"]["greedy"] == tokens, f"rank {rank}, rollout TP{tp}"
             assert max_gap(got[f"rollout_tp{tp}"]["logprobs"], logprobs) < 1e-4

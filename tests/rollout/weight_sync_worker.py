@@ -2,9 +2,10 @@
 
     torchrun --nproc-per-node 4 weight_sync_worker.py MODEL_DIR OUT_DIR
 
-1. The resharded stream equals the checkpoint's tensors exactly on every rank; one bucket buffer is
-   allocated per sync (reused by every bucket, within the size limit, released at the end); a
-   consumer holding its current tensor while asking for the next never sees it overwritten.
+1. The resharded stream equals the checkpoint's tensors exactly on every rank; one transport buffer
+   (here shared memory: one host, gloo) per sync, reused by every bucket, within the size limit,
+   released at the end; a consumer holding its current tensor while asking for the next never sees
+   it overwritten. The same with the collective transport (GPU clusters), run on gloo.
 2. For rollout TP1 (4 rollout groups) and TP2 (2 groups): a vLLM engine built with random ("dummy")
    weights is filled by the resharder and generates greedily.
 3. Rollout TP2 only: a training-like elementwise update of the Megatron weights, a resync, greedy
@@ -31,6 +32,7 @@ from megatron_vgpo.models.qwen2_5_vl.pipeline import PolicyBatch, run_pipeline
 from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
 from megatron_vgpo.rollout import RolloutGroups, SamplingParams, generate_data_parallel, logprob_mismatch
 from megatron_vgpo.rollout.vllm_engine import VLLMRolloutEngine
+from megatron_vgpo.rollout.transport import CollectiveTransport
 from megatron_vgpo.rollout.weight_sync import WeightResharder
 from tests.rollout.vllm_tp_worker import requests
 
@@ -44,35 +46,28 @@ def training_like_update(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_stream(sync: WeightResharder, model_dir: str) -> dict:
-    """Exactness against the checkpoint; one reused bucket buffer per sync, within the limit; and a
-    consumer that holds only its current tensor (as vLLM's loader does) never sees it overwritten."""
+    """Exactness against the checkpoint; one transport buffer per sync, within the bucket limit and
+    released at the end; and a consumer that holds only its current tensor (as vLLM's loader does)
+    never sees it overwritten by the next bucket."""
     from safetensors.torch import load_file
 
     from megatron_vgpo.models.qwen2_5_vl.name_mapping import canonical_hf_name
 
     ref = {canonical_hf_name(k): v for k, v in load_file(Path(model_dir) / "model.safetensors").items()}
-    allocations, stats = set(), {"max_buffer_bytes": 0, "held_tensor_overwritten": False}
-    bucket_buffer = sync._bucket_buffer
-
-    def tracked(numel, dtype):
-        view = bucket_buffer(numel, dtype)
-        allocations.add(sync._buffer.data_ptr())
-        stats["max_buffer_bytes"] = max(stats["max_buffer_bytes"], sync._buffer.numel())
-        return view
-
-    sync._bucket_buffer = tracked
+    opens, stats = [], {"held_tensor_overwritten": False, "transport": type(sync.transport).__name__}
+    transport_open = sync.transport.open
+    sync.transport.open = lambda nbytes: (opens.append(nbytes), transport_open(nbytes))[1]
     got, held = {}, None
     for name, tensor in sync.hf_weights():
         if held is not None and not torch.equal(held[1], ref[held[0]]):
             stats["held_tensor_overwritten"] = True
         got[name], held = tensor.clone(), (name, tensor)
-    del sync._bucket_buffer
-    stats["buffer_allocations"] = len(allocations)
+    del sync.transport.open
+    stats.update(opens=len(opens), max_buffer_bytes=max(opens), released=not sync.transport.is_open)
     stats["exact"] = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     stats["largest_module_bytes"] = max(sum(e.numel * e.dtype.itemsize for e in b.entries if e.module == m)
                                         for b in sync.buckets for m in {e.module for e in b.entries})
     stats["num_buckets"] = len(sync.buckets)
-    stats["buffer_released"] = sync._buffer is None
     return stats
 
 
@@ -106,6 +101,10 @@ def main(model_dir: str, out_dir: str) -> None:
         chunk.eval()
     sync = WeightResharder(chunks, groups, bucket_bytes=BUCKET_BYTES)
     results = {"stream": check_stream(sync, model_dir), "bucket_bytes": BUCKET_BYTES}
+    # The transport of GPU clusters (and of several hosts), here with gloo: the same stream.
+    collective = WeightResharder(chunks, groups, bucket_bytes=BUCKET_BYTES)
+    collective.transport = CollectiveTransport(groups, torch.device("cpu"))
+    results["stream_collective"] = check_stream(collective, model_dir)
     processor = load_processor(model_dir)
     reqs = requests(processor)
 
