@@ -34,6 +34,9 @@ def build_trainer(trainer_cls, cfg):
     if cfg.algorithm.hidden_states_from != "old":
         raise ValueError(f"algorithm.hidden_states_from={cfg.algorithm.hidden_states_from!r} is not implemented "
                          "yet: VGPO scores come from the pi_old log-prob pass ('old')")
+    if cfg.algorithm.kl_coef > 0:
+        raise ValueError(f"algorithm.kl_coef={cfg.algorithm.kl_coef} needs a reference policy, which the trainer "
+                         "does not keep yet; the paper (and DAPO) train without a KL term: set it to 0")
     groups = init_parallel(cfg.parallel, cfg.trainer.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)

@@ -169,3 +169,22 @@ def test_a_pipeline_stage_reads_only_its_tensors():
     assert needed("model.layers.3.self_attn.q_proj.bias") and not needed("model.layers.1.self_attn.q_proj.bias")
     assert needed("model.embed_tokens.weight")  # tied: the last stage's output layer is loaded from it
     assert needed("model.norm.weight") and not needed("visual.patch_embed.proj.weight")
+
+
+def test_recompute_activations_gives_the_same_gradients(world_of_one):
+    """Full recomputation (decoder layers by Megatron, vision blocks by HF checkpointing) changes
+    memory, not numbers: the gradients equal those of the plain backward."""
+    hf_model = tiny_hf_model(tiny_hf_config(), seed=4)
+    grads = {}
+    for recompute in (False, True):
+        chunks = policy(hf_model, world_of_one, ModelConfig(params_dtype="float32", recompute_activations=recompute))
+        chunks[0].train()
+        assert chunks[0].vision.is_gradient_checkpointing == recompute
+        assert (chunks[0].config.recompute_granularity == "full") == recompute
+        batches = policy_batches(hf_model.config)
+        num_tokens = int(sum(b.extra["response_mask"].sum() for b in batches))
+        run_pipeline(chunks, batches, lambda b, out: dapo_loss(b, out, num_tokens), compute_entropy=True)
+        grads[recompute] = {n: p.grad.clone() for n, p in chunks[0].named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    worst = max((grads[True][k] - grads[False][k]).abs().max().item() for k in grads[False])
+    assert worst < 1e-6, worst

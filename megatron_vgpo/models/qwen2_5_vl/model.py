@@ -79,7 +79,8 @@ class Qwen25VLChunk(MegatronModule):
             share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="mrope",
             rotary_base=rotary_base(hf_config), scatter_embedding_sequence_parallel=False,
             pg_collection=groups.pg_collection, vp_stage=vp_stage)
-        self.vision = (build_vision_tower(hf_config.vision_config, config.params_dtype, freeze_vision)
+        self.vision = (build_vision_tower(hf_config.vision_config, config.params_dtype, freeze_vision,
+                                          recompute=config.recompute_granularity is not None)
                        if pre_process else None)
 
     # Megatron's schedules and grad finalisation look these up on the (unwrapped) model chunk.
