@@ -33,7 +33,7 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout", "math-verify>=0.9"],
+    "test": ["pytest>=8", "pytest-timeout", "math-verify>=0.9", "matplotlib"],
     # The stricter/looser alternative grader (reward.grader=math_verify).
     "math-verify": ["math-verify>=0.9"],
     # The CPU rollout engine (tests and quickstart). Pins torch 2.13.0+cpu itself.

@@ -14,8 +14,9 @@ its share of the groups; log-probs, focus scores and the loss live on the last p
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
+import math
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,9 @@ import torch.distributed as dist
 from megatron_vgpo.algorithms.advantages import compute_grpo_outcome_advantages
 from megatron_vgpo.algorithms.vgpo import combine_advantages, inter_trajectory_factor, trajectory_weights, vgpo_metrics
 from megatron_vgpo.training.experience import build_experience
+from megatron_vgpo.models.qwen2_5_vl.loading import expected_hf_shapes
 from megatron_vgpo.training.format_warmup import format_warmup
+from megatron_vgpo.training.logging import StepTimer, flops_per_token, perf_metrics
 from megatron_vgpo.training.rollout import RolloutStep, Rollouts
 
 logger = logging.getLogger(__name__)
@@ -53,16 +56,16 @@ class Trainer:
         if self.step == 0 and self.cfg.trainer.val_before_train:
             self.log(self.validate())
         while self.step < self.cfg.trainer.total_steps:
-            timer, t0 = Timings(), time.perf_counter()
-            batch = timer.time("rollout", self.rollouts.sample, self.step, timer)
-            exp = timer.time("logprob", self.compute_logprobs_and_scores, batch)
-            adv_metrics = self.compute_advantages(batch, exp)
-            update_metrics = timer.time("update", self.update, batch, exp)
-            timer.time("weight_sync", self.rollouts.sync_weights)
-            timer.seconds["step"] = time.perf_counter() - t0
+            timer = StepTimer()
+            with timer("step"):
+                batch = timer.time("rollout", self.rollouts.sample, self.step, timer)
+                exp = timer.time("logprob", self.compute_logprobs_and_scores, batch)
+                adv_metrics = self.compute_advantages(batch, exp)
+                update_metrics = timer.time("update", self.update, batch, exp)
+                timer.time("weight_sync", self.rollouts.sync_weights)
             self.step += 1
-            metrics = {**batch.metrics, **adv_metrics, **update_metrics, **timer.metrics(),
-                       **self.perf_metrics(batch, timer)}
+            metrics = {**batch.metrics, **adv_metrics, **update_metrics, **self.perf_metrics(batch, timer),
+                       **timer.metrics()}
             if self.cfg.trainer.val_interval and self.step % self.cfg.trainer.val_interval == 0:
                 metrics.update(self.validate())
             self.log(metrics)
@@ -147,9 +150,26 @@ class Trainer:
         self.metrics_logger.close()
         return {k: v for k, v in self.last_metrics.items() if k.startswith("val/")}
 
-    def perf_metrics(self, batch: RolloutStep, timer: "Timings") -> dict:
-        tokens = batch.num_tokens
-        return {"perf/tokens_per_s": tokens / max(timer.seconds["step"], 1e-9)}
+    def perf_metrics(self, batch: RolloutStep, timer: StepTimer) -> dict:
+        """``perf/tokens_per_s`` over the whole step; ``perf/mfu`` (GPU only) of the Megatron passes:
+        the pi_old forward and ``ppo_epochs`` forward-backward passes over the step's tokens, in the
+        time of those two sections, on every device of the world."""
+        arch = self.actor.chunks[0].hf_config.text_config
+        seq_len = batch.num_tokens / max(len(batch.responses), 1)
+        fwd = flops_per_token(self.num_params, arch.num_hidden_layers, arch.hidden_size, seq_len, backward=False)
+        fwd_bwd = flops_per_token(self.num_params, arch.num_hidden_layers, arch.hidden_size, seq_len)
+        flops = batch.num_tokens * (fwd + self.cfg.algorithm.ppo_epochs * fwd_bwd)
+        out = perf_metrics(batch.num_tokens, timer.seconds["step"])
+        mfu = perf_metrics(batch.num_tokens, timer.seconds["logprob"] + timer.seconds["update"], flops,
+                           dist.get_world_size() if dist.is_initialized() else 1)
+        if "perf/mfu" in mfu:
+            out["perf/mfu"] = mfu["perf/mfu"]
+        return out
+
+    @functools.cached_property
+    def num_params(self) -> int:
+        """Parameters of the whole policy (all stages and TP shards), from its HF config."""
+        return sum(math.prod(shape) for shape in expected_hf_shapes(self.actor.chunks[0].hf_config).values())
 
     def local_slice(self, n_local: int) -> slice:
         sizes = [None] * self.groups.dp_size
@@ -175,20 +195,3 @@ class Trainer:
         dist.all_gather_object(gathered, mine)
         last = next(m for m in gathered if m is not None)
         return {**metrics, **last}
-
-
-class Timings:
-    """Wall-clock seconds of the named sections of one step."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def time(self, name: str, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def metrics(self) -> dict:
-        return {f"timing_s/{k}": v for k, v in self.seconds.items()}

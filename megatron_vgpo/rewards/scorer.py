@@ -43,6 +43,11 @@ class RewardResult:
     extra: dict[str, float] = field(default_factory=dict)
     """Other numbers a custom function returned."""
 
+    @property
+    def timed_out(self) -> bool:
+        """The grading call ran past ``timeout_s`` (its worker was killed)."""
+        return self.error is not None and self.error.startswith("timed out")
+
 
 class RewardScorer:
     """Scores batches of responses; owns the grading worker pool (``num_workers = 0``: grade in this
@@ -112,5 +117,5 @@ def summarize(results: Sequence[RewardResult]) -> dict[str, float]:
         "reward/format": sum(r.format for r in results) / n,
         "reward/total": sum(r.total for r in results) / n,
         "reward/error_rate": sum(r.error is not None for r in results) / n,
-        "reward/timeout_rate": sum(r.error is not None and r.error.startswith("timed out") for r in results) / n,
+        "reward/timeout_rate": sum(r.timed_out for r in results) / n,
     }

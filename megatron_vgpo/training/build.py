@@ -41,6 +41,10 @@ def build_trainer(trainer_cls, cfg):
     rank, world = dist.get_rank(), dist.get_world_size()
     hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
     processor = load_processor(cfg.model.hf_path)
+    # Data first: a missing column or a file with no usable row stops the run before the model and
+    # the engine are built.
+    train_loader = build_train_loader(cfg.data, processor, cfg.rollout.max_prompt_length)
+    val_set = build_val_dataset(cfg.data, processor, cfg.rollout.max_prompt_length)
     chunks = build_policy(hf_config, cfg.model, groups)
     load_hf_weights(chunks, cfg.model.hf_path)
     actor = Actor(chunks, groups, cfg.optimizer, cfg.trainer.micro_batch_size, cfg.trainer.total_steps)
@@ -50,8 +54,6 @@ def build_trainer(trainer_cls, cfg):
     engine = VLLMRolloutEngine(cfg.rollout, cfg.model.hf_path, dtype=_DTYPES[cfg.model.params_dtype],
                                load_format="dummy", mm_processor_kwargs=size)
     resharder = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
-    train_loader = build_train_loader(cfg.data, processor, cfg.rollout.max_prompt_length)
-    val_set = build_val_dataset(cfg.data, processor, cfg.rollout.max_prompt_length)
     scorer = RewardScorer(cfg.reward) if rank == 0 else None
     rollouts = Rollouts(cfg, engine, resharder, processor, train_loader, scorer, groups,
                         RolloutGroups.current(cfg.rollout.tensor_model_parallel_size))

@@ -101,6 +101,7 @@ class Rollouts:
         dyn = alg.dynamic_sampling
         out = RolloutStep()
         sampled, passed, acc_all, fmt_all, lengths, clipped = 0, 0, [], [], [], 0
+        errors, timeouts = 0, 0  # grading calls that raised / ran past reward.timeout_s (scored 0)
         for attempt in range(dyn.max_batches if dyn.enable else 1):
             examples = self.train_loader.next_batch()
             seed = cfg.rollout.seed + (step * 1000 + attempt) * 100003
@@ -118,6 +119,8 @@ class Rollouts:
                                             alg.overlong.penalty_factor)
             acc_all += acc.tolist()
             fmt_all += [r.format for r in results]
+            errors += sum(r.error is not None for r in results)
+            timeouts += sum(r.timed_out for r in results)
             lengths += lens.tolist()
             clipped += sum(f == "length" for f in batch.finish_reasons)
             keep = dynamic_sampling_keep(acc, torch.tensor(gids)) if dyn.enable else torch.ones(len(gids), dtype=torch.bool)
@@ -145,6 +148,7 @@ class Rollouts:
         n = len(lengths)
         out.metrics = {
             "reward/accuracy": sum(acc_all) / n, "reward/format": sum(fmt_all) / n,
+            "reward/error_rate": errors / n, "reward/timeout_rate": timeouts / n,
             "response_length/mean": sum(lengths) / n, "response_length/max": float(max(lengths)),
             "response_length/clip_ratio": clipped / n, "batch/kept_groups": float(passed),
             "batch/trained_groups": float(len(out.group_order)),

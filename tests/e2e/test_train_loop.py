@@ -42,7 +42,8 @@ def _train(root: Path, model: Path, nproc: int, *overrides: str) -> subprocess.C
             "trainer.val_before_train=false", "data.rollout_batch_size=2", "trainer.global_batch_size=2",
             "rollout.n=2", "rollout.max_response_length=16", "trainer.micro_batch_size=2",
             "algorithm.dynamic_sampling.max_batches=1", "rollout.kv_cache_memory_bytes=67108864",
-            "data.val_batch_size=8", "logging.progress_bar=false", *overrides]
+            "data.val_batch_size=8", "logging.progress_bar=false", "trainer.format_warmup.steps=2",
+            "trainer.format_warmup.batch_size=4", *overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "megatron_vgpo.train", "--config", str(REPO / "examples" / "configs" / "cpu_tiny.yaml"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

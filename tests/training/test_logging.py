@@ -140,3 +140,21 @@ def test_flops_and_mfu_formulas():
     assert perf == {"perf/tokens_per_s": 500.0, "perf/mfu": 0.125}
     if not torch.cuda.is_available():
         assert perf_metrics(1000, 2.0, model_flops=1e12) == {"perf/tokens_per_s": 500.0}  # no MFU on CPU
+
+
+def test_plot_scalars_tool_prints_the_table_and_names_missing_tags(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with metrics_logger(tmp_path) as m:
+        m.log(1, {"val/accuracy": 0.25})
+        m.log(2, {"val/accuracy": 0.5, "reward/accuracy": 0.75})
+    tool = [sys.executable, str(REPO / "tools" / "plot_scalars.py"), str(m.logdir)]
+    out = subprocess.run([*tool, "val/accuracy", "reward/accuracy"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert rows == [["1", "0.2500"], ["2", "0.5000", "0.7500"]]
+    bad = subprocess.run([*tool, "val/nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "val/nope" in bad.stderr and "val/accuracy" in bad.stderr
