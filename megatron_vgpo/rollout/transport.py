@@ -22,13 +22,17 @@ tells whether the next ``exchange`` overwrites a tensor.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import uuid
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 Shards = torch.Tensor  # [rows, *shard_shape]: the TP shards of one parameter side by side, or a list
 
@@ -42,14 +46,25 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def pick_transport(groups, device: torch.device) -> Transport:
-    """Shared memory when the group communicates over gloo and all its ranks share this host."""
+SHM_DIR = "/dev/shm"
+
+
+def pick_transport(groups, device: torch.device, max_bucket_bytes: int) -> Transport:
+    """Shared memory when the group communicates over gloo, all its ranks share this host and
+    ``/dev/shm`` has room for a bucket (containers often mount 64 MB there: a write past it would
+    die with SIGBUS), else the collectives."""
     group = groups.mp_group
     if dist.get_world_size(group) > 1 and dist.get_backend(group) == "gloo":
+        free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else 0
         hosts: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        if len(set(hosts)) == 1:
-            return SharedMemoryTransport(groups)
+        dist.all_gather_object(hosts, (socket.gethostname(), free), group=group)
+        if len({h for h, _ in hosts}) == 1:
+            if min(f for _, f in hosts) >= max_bucket_bytes:
+                return SharedMemoryTransport(groups)
+            logger.warning("weight sync: %s has %d MiB free, a bucket needs %d MiB: using gloo collectives "
+                           "(slower; enlarge /dev/shm, e.g. docker --shm-size, or lower "
+                           "rollout.weight_sync_bucket_mb)", SHM_DIR, min(f for _, f in hosts) >> 20,
+                           max_bucket_bytes >> 20)
     return CollectiveTransport(groups, device)
 
 

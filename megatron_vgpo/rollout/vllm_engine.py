@@ -107,17 +107,24 @@ def _register_in_process(model_path: str) -> None:
 
 
 class _HostStateGuard:
-    """Restores the global RNGs and torch's thread settings that vLLM's CPU worker changes."""
+    """Restores the global RNGs and torch's thread settings that vLLM's CPU worker changes, and removes
+    the environment variables set only for the engine's construction (``env``)."""
+
+    def __init__(self, env: Optional[dict[str, str]] = None):
+        self.env = {k: v for k, v in (env or {}).items() if k not in os.environ}
 
     def __enter__(self):
         self.rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         self.set_num_threads, self.num_threads = torch.set_num_threads, torch.get_num_threads()
+        os.environ.update(self.env)
         return self
 
     def __exit__(self, *exc):
         random.setstate(self.rng[0]), np.random.set_state(self.rng[1]), torch.random.set_rng_state(self.rng[2])
         torch.set_num_threads = self.set_num_threads
         torch.set_num_threads(self.num_threads)
+        for key in self.env:  # a later init_parallel would take them for torchrun's
+            os.environ.pop(key, None)
         return False
 
 
@@ -169,11 +176,13 @@ class VLLMRolloutEngine:
             limit_mm_per_prompt={"video": 0},
         )
         self._owns_world = not dist.is_initialized()  # else: the trainer's world, never to be destroyed
+        launcher_env = {}
         if not self._owns_world:
             kwargs["distributed_executor_backend"] = "external_launcher"
-            # vLLM's external launcher reads these; a world made without torchrun may lack them.
-            os.environ.setdefault("RANK", str(dist.get_rank()))
-            os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+            # vLLM's external launcher reads these while it builds; a world made without torchrun
+            # (a test's world of one) lacks them: set for the construction only.
+            rank = os.environ.get("RANK", str(dist.get_rank()))
+            launcher_env = {"RANK": rank, "LOCAL_RANK": os.environ.get("LOCAL_RANK", rank)}
         if current_platform.is_cpu():  # see the module docstring: seeded sampling, whole prefills
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
         if config.kv_cache_memory_bytes is not None:
@@ -184,7 +193,7 @@ class VLLMRolloutEngine:
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         start = time.perf_counter()
-        with _HostStateGuard():
+        with _HostStateGuard(env=launcher_env):
             self._llm = LLM(**kwargs)
         self.build_seconds = time.perf_counter() - start
         logger.info("vLLM engine built in %.1f s (%s, TP %d, rollout group %d/%d)", self.build_seconds,
@@ -231,9 +240,15 @@ class VLLMRolloutEngine:
 
     def update_weights(self, weights: NamedTensors) -> None:
         """Stream ``(hf_name, full tensor)`` pairs into the model (TP sharding and vLLM's post-load
-        processing included), then reset the caches. In-process, so the iterator is passed as is."""
+        processing included), then reset the caches. In-process, so the iterator is passed as is.
+
+        vLLM's layer-wise reload keeps the tensors it is given until their layer is complete, and a
+        layer with padding (the vocabulary-parallel embedding and LM head, padded to a multiple of
+        64 rows) completes only at the end of the reload: those two are copied here, every other
+        tensor is consumed before the next one is asked for (a streamed view may be overwritten
+        by the next bucket, see ``rollout/weight_sync.py``)."""
         start = time.perf_counter()
-        self._llm.collective_rpc(_reload_weights, args=(iter(weights),))
+        self._llm.collective_rpc(_reload_weights, args=(_held_until_the_end_copied(weights),))
         self.reset_caches()
         logger.info("vLLM weights reloaded in %.2f s", time.perf_counter() - start)
 
@@ -289,6 +304,15 @@ class VLLMRolloutEngine:
             client.shutdown()
         del llm, client
         gc.collect()
+
+
+_VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _held_until_the_end_copied(weights: NamedTensors):
+    """``weights`` with the vocabulary-sized tensors copied (see ``VLLMRolloutEngine.update_weights``)."""
+    for name, tensor in weights:
+        yield name, tensor.clone() if name.endswith(_VOCAB_ROWS) else tensor
 
 
 def _reload_weights(worker, weights) -> None:

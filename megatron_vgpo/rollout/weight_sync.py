@@ -85,7 +85,8 @@ class WeightResharder:
         self.local = {name: param for chunk in chunks for name, param in global_parameter_names(chunk)
                       if not (self.arch.tie_embeddings and name == nm.OUTPUT)}  # tied: HF has no lm_head
         self.buckets = self._plan()
-        self.transport = pick_transport(groups, next(iter(self.local.values())).device)
+        self.transport = pick_transport(groups, next(iter(self.local.values())).device,
+                                        max(layout(self._moved(b))[1] for b in self.buckets) if self.buckets else 0)
 
     # ---- plan ---------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def test_tp2_pp2_loop_with_vllm(tiny_run):
     assert all(math.isfinite(v) for _, v in scalars["actor/pg_loss"] + scalars["actor/grad_norm"])
     assert all(v > 0 for _, v in scalars["timing_s/weight_sync"]), "no weight sync into the engine"
     # The engine runs the trainer's weights: its log-probs of the sampled tokens match the trainer's.
-    assert all(v < 1e-3 for _, v in scalars["rollout/logprob_diff_max"])
+    assert all(v < 1e-3 for _, v in scalars["rollout/logprob_diff_max"]), scalars["rollout/logprob_diff_max"]
     assert (root / "ckpt" / "latest").read_text().strip() == "step_00000002"
     assert (root / "ckpt" / "step_00000002" / "complete.json").exists()
     assert (root / "runs" / "cpu_tiny" / "config.yaml").exists()

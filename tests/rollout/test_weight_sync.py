@@ -5,6 +5,8 @@ The TP2 x PP2 case (with rollout TP1 and TP2) runs under torchrun in ``test_weig
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -73,7 +75,11 @@ def test_dummy_engine_filled_from_megatron_generates_like_hf(tiny_vl_dir, world_
     text, images, inputs = mm_prompt
     config = RolloutConfig(max_prompt_length=256, max_response_length=64, kv_cache_memory_bytes=64 << 20,
                            enforce_eager=True, enable_sleep_mode=False)
+    env_before = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     engine = VLLMRolloutEngine(config, str(tiny_vl_dir), dtype="float32", load_format="dummy")
+    # The external launcher needed RANK / LOCAL_RANK while building; left set, they would make the
+    # next init_parallel of this process take it for a torchrun worker.
+    assert {k: os.environ.get(k) for k in env_before} == env_before
     try:
         sync = WeightResharder(policy(tiny_vl_dir, world_of_one), world_of_one, bucket_bytes=256 << 10)
         request = RolloutRequest(processor.tokenizer(text)["input_ids"], images)
