@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from megatron_vgpo.checkpoint.convert import DTYPES, hf_to_megatron
-from megatron_vgpo.checkpoint.output_dir import exit_cleanly_on_sigterm
+from megatron_vgpo.checkpoint.output_dir import add_output_flags, run_conversion
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,22 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is meant for")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is meant for")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weight dtype; auto keeps the HF one")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_cleanly_on_sigterm()
-    try:
-        out = hf_to_megatron(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=DTYPES[args.dtype],
-                             force=args.force, progress=not args.no_progress)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"hf_to_megatron: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_conversion("hf_to_megatron", lambda: hf_to_megatron(
+        args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=DTYPES[args.dtype], force=args.force,
+        progress=not args.no_progress))
 
 
 if __name__ == "__main__":  # the guard matters: DCP and Megatron may spawn processes

@@ -17,7 +17,7 @@ import re
 import sys
 
 from megatron_vgpo.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, DTYPES, megatron_to_hf
-from megatron_vgpo.checkpoint.output_dir import exit_cleanly_on_sigterm
+from megatron_vgpo.checkpoint.output_dir import add_output_flags, run_conversion
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -39,23 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest safetensors shard (default 4GiB)")
     p.add_argument("--hf-config", default=None,
                    help="directory with config.json, tokenizer and processor files (default: <megatron-dir>/hf_config)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_cleanly_on_sigterm()
-    try:
-        out = megatron_to_hf(args.megatron_dir, args.output, dtype=DTYPES[args.dtype],
-                             max_shard_bytes=args.max_shard_size, force=args.force,
-                             hf_config_dir=args.hf_config, progress=not args.no_progress)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"megatron_to_hf: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_conversion("megatron_to_hf", lambda: megatron_to_hf(
+        args.megatron_dir, args.output, dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size,
+        force=args.force, hf_config_dir=args.hf_config, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

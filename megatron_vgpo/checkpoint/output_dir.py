@@ -13,8 +13,9 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def exit_cleanly_on_sigterm() -> None:
@@ -63,3 +64,23 @@ def _replace(tmp: Path, out: Path) -> None:
     out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old)
+
+
+def add_output_flags(parser) -> None:
+    """``--force`` and ``--no-progress``, shared by the conversion scripts."""
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_conversion(name: str, convert: Callable[[], Path]) -> int:
+    """A conversion script's exit status: ``convert()`` with SIGTERM turned into a clean exit, its output
+    directory printed (0), or a bad input / existing output named on stderr (2)."""
+    exit_cleanly_on_sigterm()
+    try:
+        out = convert()
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
