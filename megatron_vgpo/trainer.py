@@ -60,7 +60,7 @@ class Trainer:
             with timer("step"):
                 batch = timer.time("rollout", self.rollouts.sample, self.step, timer)
                 exp = timer.time("logprob", self.compute_logprobs_and_scores, batch)
-                adv_metrics = self.compute_advantages(batch, exp)
+                adv_metrics = timer.time("advantages", self.compute_advantages, batch, exp)
                 update_metrics = timer.time("update", self.update, batch, exp)
                 timer.time("weight_sync", self.rollouts.sync_weights)
             self.step += 1

@@ -6,9 +6,10 @@
 Runs ``python -m megatron_vgpo.train`` (under torchrun when ``--nproc`` > 1) ``2 x repeats`` times,
 alternating ``algorithm.shaping=vgpo`` and ``none`` (order vgpo, none, none, vgpo, ... so that a
 drift of the machine's speed cancels), each for ``--steps`` steps without validation or
-checkpoints, then reads ``timing_s/step`` and ``timing_s/logprob`` back from the TensorBoard files
-and prints, over the steps after the first ``--skip`` of each run: mean step and log-prob-pass time
-per setting and the ratios VGPO / DAPO (target on the step: <= 1.02).
+checkpoints, then reads ``timing_s/*`` back from the TensorBoard files and prints, over the steps
+after the first ``--skip`` of each run: the mean time of the step and of each phase (rollout, reward,
+log-prob pass, advantages and shaping, update, weight sync) per setting and the ratios VGPO / DAPO (target on the step:
+<= 1.02).
 
 Both settings see the same batches: the learning rate is set to 1e-12 by default, so the policy
 (and with the seeded sampler, every rollout) stays the same whatever the shaping; the only
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PHASES = ("step", "rollout", "reward", "logprob", "advantages", "update", "weight_sync")  # timing_s/* read back
 
 
 def run(args, shaping: str, out: Path) -> dict[str, list[float]]:
@@ -48,7 +50,8 @@ def run(args, shaping: str, out: Path) -> dict[str, list[float]]:
     if proc.returncode != 0:
         sys.exit(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     scalars = read_scalars(out / "runs" / "bench")
-    return {tag: [v for step, v in scalars[f"timing_s/{tag}"] if step > args.skip] for tag in ("step", "logprob")}
+    return {tag: [v for step, v in scalars[f"timing_s/{tag}"] if step > args.skip] for tag in PHASES
+            if f"timing_s/{tag}" in scalars}
 
 
 def main() -> None:
@@ -63,7 +66,7 @@ def main() -> None:
     if args.steps <= args.skip:
         p.error(f"--steps {args.steps} must exceed --skip {args.skip}")
     order = [s for i in range(args.repeats) for s in (("vgpo", "none") if i % 2 == 0 else ("none", "vgpo"))]
-    times: dict[str, dict[str, list[float]]] = {s: {"step": [], "logprob": []} for s in ("vgpo", "none")}
+    times: dict[str, dict[str, list[float]]] = {s: {tag: [] for tag in PHASES} for s in ("vgpo", "none")}
     with tempfile.TemporaryDirectory(prefix="bench_vgpo_") as tmp:
         for i, shaping in enumerate(order):
             for tag, values in run(args, shaping, Path(tmp) / f"run{i}").items():
@@ -71,7 +74,7 @@ def main() -> None:
     print(f"\n{len(times['vgpo']['step'])} steps per setting ({args.repeats} runs x {args.steps - args.skip}), "
           f"{os.cpu_count()} CPUs, config {args.config} {' '.join(args.overrides)}")
     print(f"{'':>10} {'VGPO s':>9} {'DAPO s':>9} {'ratio':>7}")
-    for tag in ("step", "logprob"):
+    for tag in (t for t in PHASES if times["vgpo"][t] and times["none"][t]):
         on, off = statistics.mean(times["vgpo"][tag]), statistics.mean(times["none"][tag])
         print(f"{tag:>10} {on:9.3f} {off:9.3f} {on / off:7.3f}")
 

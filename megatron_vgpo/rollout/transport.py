@@ -1,23 +1,29 @@
-"""How one bucket of TP shards reaches every rank of a model replica, for ``weight_sync.py``.
+"""How one bucket of TP shards reaches every rank of a model replica as full tensors, for ``weight_sync.py``.
 
 ``exchange(bucket, moved, local)`` returns, on every rank of the model-parallel group (TP x PP of one
-replica), the TP shards of each ``moved`` parameter of the bucket, owned by the bucket's pipeline
-stage. Two implementations, picked once by ``pick_transport``:
+replica), the FULL (TP=1) Megatron tensor of each ``moved`` parameter of the bucket, owned by the
+bucket's pipeline stage: ``{name: tensor of e.full_shape}``. Two implementations, picked once by
+``pick_transport``:
 
 - ``CollectiveTransport`` (NCCL, or gloo across hosts): the owning stage all-gathers each parameter
-  over TP into one reused bucket buffer (rank-major, so a dim-0 partition is the full tensor already),
-  then broadcasts the bucket over PP. On gloo the TP gather is one broadcast per TP rank: gloo's
-  all-gather runs at 0.08 GB/s where its broadcast does 0.5-0.8 GB/s (2-core CPU machine).
+  over TP into one reused bucket buffer, rank-major (``[rows, *shard_shape]``), then broadcasts the
+  bucket over PP; a parameter becomes its full tensor when it is looked up (a view for a dim-0,
+  stride-1 partition, ``name_mapping.unshard``'s copy otherwise). On gloo the TP gather is one
+  broadcast per TP rank: gloo's all-gather runs at 0.08 GB/s where its broadcast does 0.5-0.8 GB/s
+  (2-core CPU machine). Per rank: one bucket buffer plus one unsharded parameter.
 - ``SharedMemoryTransport`` (gloo, every rank on one host: CPU runs and tests): for the duration of a
-  sync every rank maps one ``/dev/shm`` segment; the owning stage's ranks write their shards into
-  it, laid out as the collective buffer, and every rank copies the bucket out into its own buffer.
-  Two memory copies instead of a trip through gloo's TCP loopback (3-10x slower than one copy,
-  measured on the 2-core CPU machine).
+  sync every rank maps one ``/dev/shm`` file holding two segments; buckets alternate between them.
+  The owning stage's TP ranks write their shards straight into the full tensors' layout there
+  (``write_shard``), and every rank reads the full tensors in place: one memory copy per shard, no
+  concatenation, no per-rank buffer, instead of a trip through gloo's TCP loopback (3-10x slower than
+  the copy, measured on the 2-core CPU machine). Host-wide: two buckets of shared memory.
 
-Views returned by ``exchange`` stay valid until the next ``exchange`` or ``close`` (both transports:
-vLLM's layer-wise loader keeps references to what it was given until a layer is complete, so
-reading in place from memory that other ranks overwrite is not safe); ``overwritten_next(tensor)``
-tells whether the next ``exchange`` overwrites a tensor.
+Validity of the returned tensors (``overwritten_next(tensor)`` says whether the next ``exchange``
+overwrites one): ``CollectiveTransport``'s views stay valid until the next ``exchange``;
+``SharedMemoryTransport``'s until two more buckets have been exchanged (the barrier before bucket
+k+2 is written into bucket k's segment waits for every rank to have asked for bucket k+2, by which
+time a consumer of the ``weight_sync`` stream holds at most bucket k+1's last tensor). ``close`` ends
+the writing: whatever a rank still holds stays intact.
 """
 
 from __future__ import annotations
@@ -27,44 +33,51 @@ import os
 import shutil
 import socket
 import uuid
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger(__name__)
+from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 
-Shards = torch.Tensor  # [rows, *shard_shape]: the TP shards of one parameter side by side, or a list
+logger = logging.getLogger(__name__)
 
 
 class Transport(Protocol):
     is_open: bool
 
-    def open(self, max_bucket_bytes: int) -> None: ...
-    def exchange(self, bucket, moved: list, local: dict) -> dict[str, Shards]: ...
-    def overwritten_next(self, tensor: torch.Tensor) -> bool: ...
+    def open(self, bucket_bytes: list[int]) -> None:
+        """Allocate the transport memory for a sync whose buckets move these bytes (``layout``), in order."""
+
+    def exchange(self, bucket, moved: list, local: dict) -> Mapping[str, torch.Tensor]:
+        """The full Megatron tensor of every ``moved`` entry, on every rank. Collective."""
+
+    def overwritten_next(self, tensor: torch.Tensor) -> bool:
+        """Whether the next ``exchange`` overwrites ``tensor`` (a view of the transport memory)."""
+
     def close(self) -> None: ...
 
 
 SHM_DIR = "/dev/shm"
 
 
-def pick_transport(groups, device: torch.device, max_bucket_bytes: int) -> Transport:
+def pick_transport(groups, device: torch.device, bucket_bytes: list[int]) -> Transport:
     """Shared memory when the group communicates over gloo, all its ranks share this host and
-    ``/dev/shm`` has room for a bucket (containers often mount 64 MB there: a write past it would
-    die with SIGBUS), else the collectives."""
+    ``/dev/shm`` has room for its two segments (containers often mount 64 MB there: a write past it
+    would die with SIGBUS), else the collectives."""
     group = groups.mp_group
     if dist.get_world_size(group) > 1 and dist.get_backend(group) == "gloo":
         free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else 0
         hosts: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(hosts, (socket.gethostname(), free), group=group)
         if len({h for h, _ in hosts}) == 1:
-            if min(f for _, f in hosts) >= max_bucket_bytes:
+            need = sum(SharedMemoryTransport.segment_bytes(bucket_bytes))
+            if min(f for _, f in hosts) >= need:
                 return SharedMemoryTransport(groups)
-            logger.warning("weight sync: %s has %d MiB free, a bucket needs %d MiB: using gloo collectives "
+            logger.warning("weight sync: %s has %d MiB free, two buckets need %d MiB: using gloo collectives "
                            "(slower; enlarge /dev/shm, e.g. docker --shm-size, or lower "
-                           "rollout.weight_sync_bucket_mb)", SHM_DIR, min(f for _, f in hosts) >> 20,
-                           max_bucket_bytes >> 20)
+                           "rollout.weight_sync_bucket_mb)", SHM_DIR, min(f for _, f in hosts) >> 20, need >> 20)
     return CollectiveTransport(groups, device)
 
 
@@ -78,9 +91,49 @@ def layout(moved: list) -> tuple[dict[str, int], int]:
     return offsets, total
 
 
-def _rows(memory: torch.Tensor, offset: int, e) -> torch.Tensor:
-    """Entry ``e``'s TP shards in ``memory`` (uint8) from ``offset``: ``[rows, shard numel]``."""
-    return memory[offset: offset + e.numel * e.dtype.itemsize].view(e.dtype).view(e.rows, -1)
+def _view(memory: torch.Tensor, offset: int, e, shape: tuple[int, ...]) -> torch.Tensor:
+    """Entry ``e``'s bytes in ``memory`` (uint8) from ``offset``, as ``shape`` (``e.numel`` elements)."""
+    return memory[offset: offset + e.numel * e.dtype.itemsize].view(e.dtype).view(shape)
+
+
+def write_shard(full: torch.Tensor, shard: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int) -> None:
+    """Copy TP rank ``tp_rank``'s shard (``name_mapping.shard``) to its place in ``full``, in place.
+
+    ``full``: the full tensor, ``shard.shape`` with dim ``dim`` ``tp_size`` times longer. A partition of
+    stride s cuts the full tensor into ``s * tp_size`` equal chunks along ``dim`` and rank r holds
+    chunks r, tp + r, ..., (s-1)*tp + r, side by side: chunk k of the shard is chunk ``k*tp + r`` of
+    the full tensor (``name_mapping.unshard``'s order). Writing every rank's shard rebuilds
+    ``unshard(shards)`` bit for bit."""
+    size = shard.shape[dim] // stride
+    for k in range(stride):
+        full.narrow(dim, (k * tp_size + tp_rank) * size, size).copy_(shard.narrow(dim, k * size, size))
+
+
+# ---- collectives ---------------------------------------------------------------------------------
+
+class _Unsharded(Mapping):
+    """``{name: full tensor}`` over rank-major gathered shards, each built when looked up (so a rank
+    holds at most one unsharded copy at a time, whatever the bucket size)."""
+
+    def __init__(self, moved: list, shards: dict[str, torch.Tensor]):
+        self.entries, self.shards = {e.name: e for e in moved}, shards  # shards: [rows, *shard_shape]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        e, shards = self.entries[name], self.shards[name]
+        if e.rows == 1:
+            return shards[0]
+        if nm.tp_partition(name) == (0, 1):  # side by side already: the full tensor
+            return shards.view(e.full_shape)
+        return nm.unshard(name, list(shards))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 class CollectiveTransport:
@@ -89,15 +142,15 @@ class CollectiveTransport:
         self.tp_ranks = dist.get_process_group_ranks(groups.tp_group) if groups.tp_size > 1 else [groups.rank]
         self.tp_by_broadcast = groups.tp_size > 1 and dist.get_backend(groups.tp_group) == "gloo"
 
-    def open(self, max_bucket_bytes: int) -> None:
+    def open(self, bucket_bytes: list[int]) -> None:
         # One buffer for every bucket: a fresh 256 MiB allocation per bucket costs page faults on CPU
         # (torch.empty(...).copy_() runs at a third of the speed of a copy into touched memory).
-        self.buffer = torch.empty(max_bucket_bytes, dtype=torch.uint8, device=self.device)
+        self.buffer = torch.empty(max(bucket_bytes), dtype=torch.uint8, device=self.device)
 
-    def exchange(self, bucket, moved: list, local: dict) -> dict[str, Shards]:
+    def exchange(self, bucket, moved: list, local: dict) -> Mapping[str, torch.Tensor]:
         g = self.groups
         offsets, total = layout(moved)
-        rows = {e.name: _rows(self.buffer, offsets[e.name], e) for e in moved}
+        rows = {e.name: _view(self.buffer, offsets[e.name], e, (e.rows, -1)) for e in moved}
         if g.pp_rank == bucket.stage:
             with torch.no_grad():
                 for e in moved:
@@ -112,7 +165,7 @@ class CollectiveTransport:
                         dist.all_gather_into_tensor(rows[e.name].view(-1), shard.contiguous(), group=g.tp_group)
         if g.pp_size > 1:
             dist.broadcast(self.buffer[:total], src=g.pp_ranks[bucket.stage], group=g.pp_group)
-        return {e.name: rows[e.name].view(e.rows, *e.shard_shape) for e in moved}
+        return _Unsharded(moved, {e.name: rows[e.name].view(e.rows, *e.shard_shape) for e in moved})
 
     def overwritten_next(self, tensor: torch.Tensor) -> bool:
         return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
@@ -125,55 +178,100 @@ class CollectiveTransport:
         self.buffer = None
 
 
+# ---- shared memory -------------------------------------------------------------------------------
+
 class SharedMemoryTransport:
-    """One ``/dev/shm`` segment per sync, mapped by every rank of the group and laid out as
-    ``CollectiveTransport``'s buffer: every TP rank of the owning stage writes its own rows (so a
-    dim-0 partition is again the full tensor), then every rank copies the bucket into its own reused
-    buffer. From there on the semantics are exactly the collective transport's (views valid until the
-    next ``exchange``), whatever a consumer holds: a second memory copy buys that, and still beats a
-    trip through gloo's TCP loopback several times. Host-wide extra memory: one bucket in the
-    segment, plus the per-rank buffers."""
+    """Two segments of one ``/dev/shm`` file, mapped by every rank of the group; the exchanged buckets
+    alternate between them (even ones in the first, odd ones in the second). Each bucket is laid out
+    as full tensors (``layout``): every TP rank of the owning stage writes its own shard of each
+    partitioned parameter to its place (``write_shard``), and the stage's TP ranks share the writing
+    of the replicated ones. See the module docstring for how long the tensors stay valid."""
 
     def __init__(self, groups):
-        self.groups, self.segment, self.buffer = groups, None, None
-        self.owner = dist.get_process_group_ranks(groups.mp_group)[0]  # creates the segment
+        self.groups, self.segments, self.exchanges = groups, (), 0
+        self.creator = dist.get_process_group_ranks(groups.mp_group)[0]
 
-    def open(self, max_bucket_bytes: int) -> None:
+    @staticmethod
+    def segment_bytes(bucket_bytes: list[int]) -> tuple[int, int]:
+        """Bytes of the two segments: the largest even and odd exchanged bucket (a bucket moving
+        nothing is not exchanged)."""
+        exchanged = [b for b in bucket_bytes if b]
+        return max(exchanged[0::2], default=0), max(exchanged[1::2], default=0)
+
+    def open(self, bucket_bytes: list[int]) -> None:
+        even, odd = self.segment_bytes(bucket_bytes)
+        memory = self._map(even + odd)
+        self.segments, self.exchanges = (memory[:even], memory[even:]), 0
+
+    def _map(self, nbytes: int) -> torch.Tensor:
+        """A fresh ``/dev/shm`` file of ``nbytes``, mapped by every rank of the group (uint8).
+
+        Its pages are first touched here, each rank its share: that first touch (tmpfs allocation)
+        is the dearest part of a sync on the 2-core CPU VM (0.3 GB/s, measured), and left to the
+        writers of the first two buckets it falls on one rank when the owning stage has one (TP = 1).
+        Every page is written by some bucket anyway."""
         g, group = self.groups, self.groups.mp_group
-        path = [f"/dev/shm/megatron_vgpo_sync_{uuid.uuid4().hex}" if g.rank == self.owner else None]
-        dist.broadcast_object_list(path, src=self.owner, group=group)
-        if g.rank == self.owner:  # creates the file
-            self.segment = torch.from_file(path[0], shared=True, size=max_bucket_bytes, dtype=torch.uint8)
+        path: list[Optional[str]] = [f"{SHM_DIR}/megatron_vgpo_sync_{uuid.uuid4().hex}" if g.rank == self.creator
+                                     else None]
+        dist.broadcast_object_list(path, src=self.creator, group=group)
+        if g.rank == self.creator:  # creates the file
+            memory = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
         dist.barrier(group=group)
-        if g.rank != self.owner:
-            self.segment = torch.from_file(path[0], shared=True, size=max_bucket_bytes, dtype=torch.uint8)
+        if g.rank != self.creator:
+            memory = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
+        share = -(-nbytes // dist.get_world_size(group) // 4096) * 4096  # whole pages
+        start = min(dist.get_rank(group) * share, nbytes)
+        memory[start: start + share].zero_()
         dist.barrier(group=group)
-        if g.rank == self.owner:
+        if g.rank == self.creator:
             os.unlink(path[0])  # mapped everywhere: the memory lives until the last rank unmaps it
-        self.buffer = torch.empty(max_bucket_bytes, dtype=torch.uint8)
+        return memory
 
-    def exchange(self, bucket, moved: list, local: dict) -> dict[str, Shards]:
+    def exchange(self, bucket, moved: list, local: dict) -> Mapping[str, torch.Tensor]:
         g, group = self.groups, self.groups.mp_group
-        offsets, total = layout(moved)
-        dist.barrier(group=group)  # everyone has copied the previous bucket out of the segment
+        offsets, _ = layout(moved)
+        segment = self.segments[self.exchanges % 2]
+        full = {e.name: _view(segment, offsets[e.name], e, e.full_shape) for e in moved}
+        if self.exchanges >= 2:
+            dist.barrier(group=group)  # every rank is done with the bucket before last (same segment)
+        self.exchanges += 1
         if g.pp_rank == bucket.stage:
-            with torch.no_grad():
-                for e in moved:
-                    if e.rows > 1 or g.tp_rank == 0:
-                        _rows(self.segment, offsets[e.name], e)[g.tp_rank if e.rows > 1 else 0].copy_(
-                            local[e.name].detach().reshape(-1))
-        dist.barrier(group=group)  # every row is written
-        self.buffer[:total].copy_(self.segment[:total])
-        return {e.name: _rows(self.buffer, offsets[e.name], e).view(e.rows, *e.shard_shape) for e in moved}
+            self._write(moved, full, local)
+        dist.barrier(group=group)  # every shard is written
+        return full
+
+    def _write(self, moved: list, full: dict[str, torch.Tensor], local: dict) -> None:
+        """This rank's part of the bucket: its shard of each partitioned parameter, and the replicated
+        parameters ``_writers`` gives it."""
+        g = self.groups
+        writers = _writers(moved, g.tp_size)
+        with torch.no_grad():
+            for e in moved:
+                shard = local[e.name].detach()
+                if e.rows > 1:
+                    dim, stride = nm.tp_partition(e.name)
+                    write_shard(full[e.name], shard, dim, stride, g.tp_rank, e.rows)
+                elif writers[e.name] == g.tp_rank:
+                    full[e.name].copy_(shard)
 
     def overwritten_next(self, tensor: torch.Tensor) -> bool:
-        return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
+        return False  # the next bucket goes to the other segment
 
     @property
     def is_open(self) -> bool:
-        return self.segment is not None
+        return bool(self.segments)
 
     def close(self) -> None:
-        if self.segment is not None:
-            dist.barrier(group=self.groups.mp_group)  # nobody reads the segment any more
-        self.segment = self.buffer = None
+        # No barrier: nothing is written after the last exchange, and a mapping lives as long as a
+        # view of it does, so whatever a rank still holds stays intact.
+        self.segments = ()
+
+
+def _writers(moved: list, tp_size: int) -> dict[str, int]:
+    """The TP rank that writes each replicated (``rows == 1``) entry: every rank of the stage holds it,
+    so the bytes are shared out, largest first to the least loaded rank (the same on every rank)."""
+    load, writers = [0] * tp_size, {}
+    for e in sorted((e for e in moved if e.rows == 1), key=lambda e: -e.numel * e.dtype.itemsize):
+        rank = load.index(min(load))
+        writers[e.name], load[rank] = rank, load[rank] + e.numel * e.dtype.itemsize
+    return writers

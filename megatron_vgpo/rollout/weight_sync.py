@@ -9,19 +9,21 @@ what it needs; the rollout TP need not match the trainer's). Per bucket (consecu
 one pipeline stage, at most ``bucket_bytes`` once gathered, never splitting a module's weight from
 its bias, so that vLLM's layer-wise loader finishes each layer inside one bucket):
 
-1. the TP shards of the bucket's parameters reach every rank of the model replica (TP x PP): NCCL
-   all-gather over TP then a broadcast over PP, or shared memory when all ranks share a host (CPU,
-   gloo); see ``transport.py``. Data-parallel replicas sync independently, in parallel;
-2. each parameter's shards become the full Megatron tensor (``name_mapping.unshard``; a dim-0,
-   stride-1 partition gathered side by side already is the full tensor: a view) and are converted
-   with ``name_mapping.megatron_to_hf`` (q/k/v and gate/up split, vocabulary padding dropped, tied
-   output layer dropped), then yielded.
+1. the bucket's parameters reach every rank of the model replica (TP x PP) as full Megatron tensors
+   (``transport.py``): NCCL all-gather over TP, a broadcast over PP, then ``name_mapping.unshard``
+   (a view for a dim-0, stride-1 partition); or, when all ranks share a host (CPU, gloo), shared
+   memory that the owning TP ranks write their shards into at their place in the full tensors, read
+   in place by every rank. Data-parallel replicas sync independently, in parallel;
+2. each full tensor is converted with ``name_mapping.megatron_to_hf`` (q/k/v and gate/up split,
+   vocabulary padding dropped, tied output layer dropped), then yielded.
 
-The generator drives collectives: all ranks must consume it to the end, in step. Extra memory per
-rank: one bucket (the transport's buffer or shared-memory segment, allocated once per sync and
-reused by every bucket) plus one full parameter (the un-sharded copy of a partition, or the q/k/v
-split of a fused one), whatever the model size. Without communication (TP = PP = 1, or a replicated
-parameter with PP = 1) the parameters themselves are yielded, without any copy.
+The generator drives collectives: all ranks must consume it to the end, in step. A yielded tensor may
+be a view of transport memory that a later bucket overwrites (see ``hf_weights``). Extra memory,
+whatever the model size, allocated once per sync: with the collectives, per rank, one bucket buffer
+plus one full parameter (the un-sharded copy of a partition); with shared memory, host-wide, two
+buckets mapped by every rank of the replica and no private buffer. Either way, per rank, the q/k/v
+split of one fused parameter. Without communication (TP = PP = 1, or a replicated parameter with
+PP = 1) the parameters themselves are yielded, without any copy.
 
 The plan (which stage holds what, bucket boundaries) is exchanged once, at construction.
 """
@@ -58,6 +60,14 @@ class _Entry:
         return self.rows * math.prod(self.shard_shape)
 
     @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The TP=1 shape: ``shard_shape`` with the partition dim ``rows`` times longer."""
+        if self.rows == 1:
+            return self.shard_shape
+        dim = nm.tp_partition(self.name)[0]
+        return self.shard_shape[:dim] + (self.rows * self.shard_shape[dim],) + self.shard_shape[dim + 1:]
+
+    @property
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
@@ -66,7 +76,6 @@ class _Entry:
 class _Bucket:
     stage: int
     entries: tuple[_Entry, ...]
-
 
 
 class WeightResharder:
@@ -85,8 +94,8 @@ class WeightResharder:
         self.local = {name: param for chunk in chunks for name, param in global_parameter_names(chunk)
                       if not (self.arch.tie_embeddings and name == nm.OUTPUT)}  # tied: HF has no lm_head
         self.buckets = self._plan()
-        self.transport = pick_transport(groups, next(iter(self.local.values())).device,
-                                        max(layout(self._moved(b))[1] for b in self.buckets) if self.buckets else 0)
+        self.moved_bytes = [layout(self._moved(b))[1] for b in self.buckets]  # per bucket, through the transport
+        self.transport = pick_transport(groups, next(iter(self.local.values())).device, self.moved_bytes)
 
     # ---- plan ---------------------------------------------------------------------------------
 
@@ -122,8 +131,8 @@ class WeightResharder:
             current.append(module)
         if current:
             groups.append(current)
-        # The smallest module goes last: the last tensor of a bucket is copied when it is a view of
-        # transport memory (see _bucket_tensors), and a norm weight is cheaper to copy than an MLP.
+        # The smallest module goes last: the last tensor of a bucket is copied when the next bucket
+        # overwrites it (collective transport, see _bucket_tensors), and a norm is cheaper to copy.
         return [_Bucket(g[0][0].stage, tuple(e for m in sorted(g, key=lambda m: -_nbytes(m)) for e in m))
                 for g in groups]
 
@@ -141,28 +150,32 @@ class WeightResharder:
     def hf_weights(self) -> Iterator[Named]:
         """Every HF tensor of the model, full and unsharded, bucket by bucket. Collective.
 
-        Tensors may be views of transport memory that the next bucket overwrites: a consumer must
-        copy what it keeps (vLLM's loader does, layer by layer, and a bucket never splits a module);
-        the last tensor of each bucket is never such a view, so holding the current one is safe.
+        Tensors may be views of transport memory that a later bucket overwrites: the next one (collective
+        transport) or the one after (shared memory: a tensor stays valid until two more buckets have
+        been exchanged). A consumer must copy what it keeps longer (vLLM's loader consumes a module's
+        tensors as soon as they all arrived, and a bucket never splits a module; the engine adapter
+        copies the vocabulary-padded ones it holds until the end). Holding the current tensor while
+        asking for the next is always safe: a bucket's last tensor is copied when the next bucket
+        would overwrite it.
         """
         with self._session():
             for bucket in self.buckets:
                 yield from self._bucket_tensors(bucket)
 
     def megatron_weights(self) -> Iterator[Named]:
-        """The full (TP=1) Megatron tensors under global names, before the HF conversion (views valid
-        until the next bucket). Collective."""
+        """The full (TP=1) Megatron tensors under global names, before the HF conversion. Collective.
+        Views of transport memory stay valid until the next bucket (collective transport; the last
+        one of a bucket included, unlike ``hf_weights``) or until two more buckets (shared memory)."""
         with self._session():
             for bucket in self.buckets:
                 yield from self._full_tensors(bucket)
 
     @contextmanager
     def _session(self):
-        sizes = [layout(self._moved(b))[1] for b in self.buckets]
-        if max(sizes, default=0) == 0:  # TP = PP = 1: nothing travels
+        if max(self.moved_bytes, default=0) == 0:  # TP = PP = 1: nothing travels
             yield
             return
-        self.transport.open(max(sizes))
+        self.transport.open(self.moved_bytes)
         try:
             yield
         finally:
@@ -177,7 +190,8 @@ class WeightResharder:
         if previous is None:
             return
         # A consumer holds the tensor it got while asking for the next one: the last tensor of a
-        # bucket must not be a view of memory that the next bucket overwrites.
+        # bucket must not be a view of memory that the next bucket overwrites (collective transport;
+        # shared memory writes the next bucket elsewhere).
         name, tensor = previous
         if self.transport.overwritten_next(tensor):
             tensor = tensor.clone()
@@ -186,26 +200,16 @@ class WeightResharder:
 
     def _full_tensors(self, bucket: _Bucket) -> Iterator[Named]:
         moved = self._moved(bucket)
-        shards = self.transport.exchange(bucket, moved, self.local) if moved else {}
+        full = self.transport.exchange(bucket, moved, self.local) if moved else {}
         for e in bucket.entries:
-            if e.name in shards:
-                yield e.name, _full(e, shards[e.name])
+            if e.name in full:
+                yield e.name, full[e.name]
             else:  # nothing to communicate: the parameter itself
                 yield e.name, self.local[e.name].detach()
 
 
 def _nbytes(entries) -> int:
     return sum(e.numel * e.dtype.itemsize for e in entries)
-
-
-def _full(e: _Entry, shards) -> torch.Tensor:
-    """The full Megatron tensor from its TP shards (``name_mapping.unshard``), without a copy when the
-    shards already lie side by side as a dim-0, stride-1 partition."""
-    if e.rows == 1:
-        return shards[0]
-    if isinstance(shards, torch.Tensor) and nm.tp_partition(e.name) == (0, 1):
-        return shards.view(e.rows * e.shard_shape[0], *e.shard_shape[1:])
-    return nm.unshard(e.name, list(shards))
 
 
 def hf_state_dict_of(chunks: list, groups, bucket_bytes: Optional[int] = None) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 # Shown on the console line / bar when present: label -> metric tag.
 PROGRESS_KEYS = {"reward": "reward/accuracy", "val": "val/accuracy", "pg_loss": "actor/pg_loss"}
+VAL_PREFIX = "val/accuracy/"  # per validation dataset: shown each instead of the pooled val/accuracy
 
 
 class MetricsLogger:
@@ -124,6 +125,9 @@ class MetricsLogger:
         if not self.cfg.progress_bar:
             return
         shown = {label: values[tag] for label, tag in self.progress_keys.items() if tag in values}
+        per_dataset = {f"val {tag[len(VAL_PREFIX):]}": v for tag, v in values.items() if tag.startswith(VAL_PREFIX)}
+        if per_dataset:  # "val 0.57" pooled over val and a blank control would hide both
+            shown = {k: v for k, v in shown.items() if k != "val"} | per_dataset
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)

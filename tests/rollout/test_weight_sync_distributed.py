@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import run_torchrun
 from tests.rollout.conftest import load_hf_model, requires_vllm
+from tests.rollout.test_transport import assert_streams_correct
 from tests.rollout.test_vllm_distributed import hf_references, max_gap
 from tests.rollout.weight_sync_worker import training_like_update
 
@@ -33,13 +34,7 @@ def test_megatron_tp2_pp2_to_vllm_tp1_and_tp2(tiny_vl_dir, processor, tmp_path):
     assert new_tokens != tokens
 
     for rank, got in enumerate(ranks):
-        assert got["stream"]["transport"] == "SharedMemoryTransport"  # one host, gloo
-        assert got["stream_collective"]["transport"] == "CollectiveTransport"
-        for stream in (got["stream"], got["stream_collective"]):
-            assert stream["exact"], f"rank {rank} {stream['transport']}: tensors differ from the checkpoint"
-            assert stream["opens"] == 1 and stream["released"]
-            assert not stream["held_tensor_overwritten"]
-            assert stream["max_buffer_bytes"] <= max(got["bucket_bytes"], stream["largest_module_bytes"])
+        assert_streams_correct(got, rank)
         for tp in (1, 2):
             assert got[f"rollout_tp{tp}"]["greedy"] == tokens, f"rank {rank}, rollout TP{tp}"
             assert max_gap(got[f"rollout_tp{tp}"]["logprobs"], logprobs) < 1e-4

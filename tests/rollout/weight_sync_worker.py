@@ -2,10 +2,11 @@
 
     torchrun --nproc-per-node 4 weight_sync_worker.py MODEL_DIR OUT_DIR
 
-1. The resharded stream equals the checkpoint's tensors exactly on every rank; one transport buffer
-   (here shared memory: one host, gloo) per sync, reused by every bucket, within the size limit,
-   released at the end; a consumer holding its current tensor while asking for the next never sees
-   it overwritten. The same with the collective transport (GPU clusters), run on gloo.
+1. ``transport_worker.check_stream``: the resharded stream equals the checkpoint's tensors exactly on
+   every rank; one transport allocation (here shared memory: one host, gloo) per sync, reused by
+   every bucket, within the size limit, released at the end; a consumer holding its current tensor
+   while asking for the next never sees it overwritten; shared-memory tensors are read in place and
+   outlive the next bucket. The same with the collective transport (GPU clusters), run on gloo.
 2. For rollout TP1 (4 rollout groups) and TP2 (2 groups): a vLLM engine built with random ("dummy")
    weights is filled by the resharder and generates greedily.
 3. Rollout TP2 only: a training-like elementwise update of the Megatron weights, a resync, greedy
@@ -22,53 +23,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
-from megatron_vgpo.config.schema import ModelConfig, ParallelConfig, RolloutConfig
-from megatron_vgpo.distributed import destroy_parallel, init_parallel
-from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
-from megatron_vgpo.models.qwen2_5_vl.loading import load_hf_weights
+from megatron_vgpo.config.schema import RolloutConfig
+from megatron_vgpo.distributed import destroy_parallel
 from megatron_vgpo.models.qwen2_5_vl.pipeline import PolicyBatch, run_pipeline
 from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
 from megatron_vgpo.rollout import RolloutGroups, SamplingParams, generate_data_parallel, logprob_mismatch
 from megatron_vgpo.rollout.vllm_engine import VLLMRolloutEngine
 from megatron_vgpo.rollout.transport import CollectiveTransport
 from megatron_vgpo.rollout.weight_sync import WeightResharder
+from tests.rollout.transport_worker import BUCKET_BYTES, check_stream, tp2_pp2_policy
 from tests.rollout.vllm_tp_worker import requests
 
-BUCKET_BYTES = 96 << 10
 GREEDY = SamplingParams(n=1, max_tokens=24, temperature=0.0)
 
 
 def training_like_update(tensor: torch.Tensor) -> torch.Tensor:
     """An elementwise change (the same on TP shards, replicas and the HF tensors), in place."""
     return tensor.add_(0.05 * torch.sin(1000.0 * tensor))
-
-
-def check_stream(sync: WeightResharder, model_dir: str) -> dict:
-    """Exactness against the checkpoint; one transport buffer per sync, within the bucket limit and
-    released at the end; and a consumer that holds only its current tensor (as vLLM's loader does)
-    never sees it overwritten by the next bucket."""
-    from safetensors.torch import load_file
-
-    from megatron_vgpo.models.qwen2_5_vl.name_mapping import canonical_hf_name
-
-    ref = {canonical_hf_name(k): v for k, v in load_file(Path(model_dir) / "model.safetensors").items()}
-    opens, stats = [], {"held_tensor_overwritten": False, "transport": type(sync.transport).__name__}
-    transport_open = sync.transport.open
-    sync.transport.open = lambda nbytes: (opens.append(nbytes), transport_open(nbytes))[1]
-    got, held = {}, None
-    for name, tensor in sync.hf_weights():
-        if held is not None and not torch.equal(held[1], ref[held[0]]):
-            stats["held_tensor_overwritten"] = True
-        got[name], held = tensor.clone(), (name, tensor)
-    del sync.transport.open
-    stats.update(opens=len(opens), max_buffer_bytes=max(opens), released=not sync.transport.is_open)
-    stats["exact"] = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
-    stats["largest_module_bytes"] = max(sum(e.numel * e.dtype.itemsize for e in b.entries if e.module == m)
-                                        for b in sync.buckets for m in {e.module for e in b.entries})
-    stats["num_buckets"] = len(sync.buckets)
-    return stats
 
 
 def trainer_logprobs(chunks, groups, processor, reqs, batch) -> list:
@@ -92,11 +64,7 @@ def trainer_logprobs(chunks, groups, processor, reqs, batch) -> list:
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    groups = init_parallel(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-                                          backend="gloo"))
-    chunks = build_policy(AutoConfig.from_pretrained(model_dir),
-                          ModelConfig(params_dtype="float32", attention_backend="local"), groups)
-    load_hf_weights(chunks, model_dir)
+    chunks, groups = tp2_pp2_policy(model_dir)
     for chunk in chunks:
         chunk.eval()
     sync = WeightResharder(chunks, groups, bucket_bytes=BUCKET_BYTES)

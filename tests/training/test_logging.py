@@ -72,6 +72,15 @@ def test_plain_progress_lines_on_a_pipe(tmp_path):
     assert lines[1].endswith("| reward 1 | pg_loss -0.1") and "step 4/4 (100%)" in lines[1]
 
 
+def test_progress_line_shows_each_validation_dataset_not_the_pooled_mean(tmp_path):
+    stream = io.StringIO()
+    with metrics_logger(tmp_path, stream=stream) as m:
+        m.log(4, {"val/accuracy": 0.57, "val/accuracy/val": 0.89, "val/accuracy/val_blank": 0.25})
+    line = stream.getvalue().strip()
+    assert line.endswith("| val val 0.89 | val val_blank 0.25"), line
+    assert "0.57" not in line
+
+
 def test_progress_bar_on_a_terminal_and_silence_when_off(tmp_path):
     tty = FakeTTY()
     with metrics_logger(tmp_path, stream=tty) as m:
