@@ -14,7 +14,7 @@ bucket's pipeline stage: ``{name: tensor of e.full_shape}``. Two implementations
 - ``SharedMemoryTransport`` (gloo, every rank on one host: CPU runs and tests): for the duration of a
   sync every rank maps one ``/dev/shm`` file holding two segments; buckets alternate between them.
   The owning stage's TP ranks write their shards straight into the full tensors' layout there
-  (``write_shard``), and every rank reads the full tensors in place: one memory copy per shard, no
+  (``name_mapping.write_shard``), and every rank reads the full tensors in place: one memory copy per shard, no
   concatenation, no per-rank buffer, instead of a trip through gloo's TCP loopback (3-10x slower than
   the copy, measured on the 2-core CPU machine). Host-wide: two buckets of shared memory.
 
@@ -96,19 +96,6 @@ def _view(memory: torch.Tensor, offset: int, e, shape: tuple[int, ...]) -> torch
     return memory[offset: offset + e.numel * e.dtype.itemsize].view(e.dtype).view(shape)
 
 
-def write_shard(full: torch.Tensor, shard: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int) -> None:
-    """Copy TP rank ``tp_rank``'s shard (``name_mapping.shard``) to its place in ``full``, in place.
-
-    ``full``: the full tensor, ``shard.shape`` with dim ``dim`` ``tp_size`` times longer. A partition of
-    stride s cuts the full tensor into ``s * tp_size`` equal chunks along ``dim`` and rank r holds
-    chunks r, tp + r, ..., (s-1)*tp + r, side by side: chunk k of the shard is chunk ``k*tp + r`` of
-    the full tensor (``name_mapping.unshard``'s order). Writing every rank's shard rebuilds
-    ``unshard(shards)`` bit for bit."""
-    size = shard.shape[dim] // stride
-    for k in range(stride):
-        full.narrow(dim, (k * tp_size + tp_rank) * size, size).copy_(shard.narrow(dim, k * size, size))
-
-
 # ---- collectives ---------------------------------------------------------------------------------
 
 class _Unsharded(Mapping):
@@ -184,7 +171,7 @@ class SharedMemoryTransport:
     """Two segments of one ``/dev/shm`` file, mapped by every rank of the group; the exchanged buckets
     alternate between them (even ones in the first, odd ones in the second). Each bucket is laid out
     as full tensors (``layout``): every TP rank of the owning stage writes its own shard of each
-    partitioned parameter to its place (``write_shard``), and the stage's TP ranks share the writing
+    partitioned parameter to its place (``name_mapping.write_shard``), and the stage's TP ranks share the writing
     of the replicated ones. See the module docstring for how long the tensors stay valid."""
 
     def __init__(self, groups):
@@ -249,8 +236,7 @@ class SharedMemoryTransport:
             for e in moved:
                 shard = local[e.name].detach()
                 if e.rows > 1:
-                    dim, stride = nm.tp_partition(e.name)
-                    write_shard(full[e.name], shard, dim, stride, g.tp_rank, e.rows)
+                    nm.write_shard(e.name, full[e.name], shard, g.tp_rank, e.rows)
                 elif writers[e.name] == g.tp_rank:
                     full[e.name].copy_(shard)
 

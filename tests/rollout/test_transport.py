@@ -15,15 +15,15 @@ from transformers import AutoConfig
 from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 from megatron_vgpo.models.qwen2_5_vl.config import arch_from_hf
 from megatron_vgpo.models.qwen2_5_vl.loading import iter_safetensors
-from megatron_vgpo.rollout.transport import SharedMemoryTransport, _writers, write_shard
+from megatron_vgpo.rollout.transport import SharedMemoryTransport, _writers
 from tests.conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("transport_worker.py")
 
 
 def test_shards_written_in_place_equal_unshard(tiny_vl_dir):
-    """Every partitioned parameter of the tiny model, TP2: the shards written at their place rebuild
-    exactly ``unshard`` of the shards (and the original), for dim 0, dim 1 and stride 2."""
+    """Every partitioned parameter of the tiny model, TP2: the shards (cut by ``shard``) written at
+    their place rebuild the original exactly, as ``unshard`` does, for dim 0, dim 1 and stride 2."""
     arch = arch_from_hf(AutoConfig.from_pretrained(tiny_vl_dir), tp_size=2)
     kinds = set()
     for name, original in nm.hf_to_megatron(iter_safetensors(tiny_vl_dir), arch):
@@ -34,7 +34,7 @@ def test_shards_written_in_place_equal_unshard(tiny_vl_dir):
         shards = [nm.shard(name, original, r, 2) for r in range(2)]
         full = torch.full_like(original, float("nan"))
         for r, shard in enumerate(shards):
-            write_shard(full, shard, dim, stride, r, 2)
+            nm.write_shard(name, full, shard, r, 2)
         assert torch.equal(full, nm.unshard(name, shards)), name
         assert torch.equal(full, original), name
     assert kinds == {(0, 1), (1, 1), (0, 2)}

@@ -263,15 +263,30 @@ def shard(megatron_name: str, full: torch.Tensor, tp_rank: int, tp_size: int) ->
     return torch.cat([part.chunk(tp_size, dim=dim)[tp_rank] for part in full.chunk(stride, dim=dim)], dim=dim)
 
 
+def write_shard(megatron_name: str, full: torch.Tensor, shard_: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Copy TP rank ``tp_rank``'s shard (``shard``) to its place in ``full``, in place (the weight
+    sync writes shards straight into shared memory with it; ``unshard`` builds on it).
+
+    A partition of stride s cuts the full tensor into ``s * tp_size`` equal chunks along its dim and
+    rank r holds chunks r, tp + r, ..., (s-1)*tp + r side by side: chunk k of the shard is chunk
+    ``k*tp + r`` of the full tensor. Writing every rank's shard rebuilds the full tensor exactly."""
+    dim, stride = tp_partition(megatron_name)
+    size = shard_.shape[dim] // stride
+    for k in range(stride):
+        full.narrow(dim, (k * tp_size + tp_rank) * size, size).copy_(shard_.narrow(dim, k * size, size))
+
+
 def unshard(megatron_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full Megatron tensor from all TP ranks' shards (rank order); inverse of ``shard``."""
     dim, stride = tp_partition(megatron_name)
     if dim is None or len(shards) == 1:
         return shards[0]
-    if stride == 1:
-        return torch.cat(shards, dim=dim)
-    pieces = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(stride)], dim=dim)
+    shape = list(shards[0].shape)
+    shape[dim] *= len(shards)
+    full = shards[0].new_empty(shape)
+    for rank, piece in enumerate(shards):
+        write_shard(megatron_name, full, piece, rank, len(shards))
+    return full
 
 
 def hf_to_megatron_shards(items: Iterable[Named], arch: QwenVLArch, tp_rank: int) -> Iterator[Named]:
