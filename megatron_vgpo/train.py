@@ -1,8 +1,9 @@
 """Entry point: ``python -m megatron_vgpo.train --config FILE [key.sub=value ...] [--dry-run]``.
 
 Under torchrun every rank runs this SPMD. ``--dry-run`` validates the config, prints the resolved
-config and the TP x PP x DP layout for the world size (``--world-size``, else torchrun's WORLD_SIZE,
-else 1) and exits 0; any config problem exits 2 with a message naming the field.
+config, the memory plan (``megatron_vgpo/planning/``, as YAML comments) and, last, the TP x PP x DP
+layout for the world size (``--world-size``, else torchrun's WORLD_SIZE, else 1), and exits 0; any
+config problem exits 2 with a message naming the field.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from megatron_vgpo.planning.report import dry_run_plan
+
         print(dump_yaml(cfg), end="")
+        print(dry_run_plan(cfg, layout, args.config))
         print(f"# parallel layout: {layout.describe()}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,9 +53,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def accuracy_table(summary: dict) -> str:
-    """The final validation accuracies as a small text table."""
-    rows = [(k.removeprefix("val/accuracy").strip("/") or "all", v) for k, v in sorted(summary.items())
-            if k.startswith("val/accuracy")]
+    """The last validation accuracy of each validation dataset, as a small text table.
+
+    One row per dataset and nothing pooled: the pooled ``val/accuracy`` averages files of different
+    meaning (the task and a control such as ``val_blank``) into a number that answers no question."""
+    from megatron_vgpo.training.logging import VAL_PREFIX
+
+    rows = [(k.removeprefix(VAL_PREFIX), v) for k, v in sorted(summary.items()) if k.startswith(VAL_PREFIX)]
+    if not rows:
+        return "no validation accuracy (no validation ran: see trainer.val_interval)"
     width = max([len(name) for name, _ in rows] + [7])
     lines = [f"{'dataset':<{width}}  accuracy", f"{'-' * width}  --------"]
     lines += [f"{name:<{width}}  {value:8.3f}" for name, value in rows]

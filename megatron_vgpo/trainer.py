@@ -6,10 +6,13 @@ micro-batch's hidden states into old log-probs and VGPO focus scores at once -> 
 VGPO shaping (per-trajectory sums gathered over data-parallel ranks) -> PPO mini-batch updates ->
 weight sync into the engine -> validation every k steps -> logging -> checkpoint.
 
-Who holds what: every rank holds the whole rollout batch (the engine's data-parallel groups
-generate shares and all-gather, rewards are graded on rank 0 and broadcast), so batch composition,
-advantages and mini-batches are computed identically everywhere; each data-parallel rank trains on
-its share of the groups; log-probs, focus scores and the loss live on the last pipeline stage.
+Who holds what: every rank holds the rollout batch's token ids and rewards (the engine's
+data-parallel groups generate shares and all-gather, rewards are graded on rank 0 and broadcast), so
+batch composition and mini-batches are computed identically everywhere; each data-parallel rank
+trains on its share of the groups, whole groups only, so group advantages are computed where the
+rows are; images are decoded only by the ranks that read them (the generating rollout group, the
+first pipeline stage of the training data-parallel rank); log-probs, focus scores, advantages and the
+loss live on the last pipeline stage, on the training device.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch.distributed as dist
 
 from megatron_vgpo.algorithms.advantages import compute_grpo_outcome_advantages
 from megatron_vgpo.algorithms.vgpo import combine_advantages, inter_trajectory_factor, trajectory_weights, vgpo_metrics
+from megatron_vgpo.training.actor import update_metrics
 from megatron_vgpo.training.experience import build_experience
+from megatron_vgpo.training.micro_batch import RowImages
 from megatron_vgpo.models.qwen2_5_vl.loading import expected_hf_shapes
 from megatron_vgpo.training.format_warmup import format_warmup
 from megatron_vgpo.training.logging import StepTimer, flops_per_token, perf_metrics
@@ -42,16 +47,17 @@ class Trainer:
         self.last_metrics: dict = {}
 
     @classmethod
-    def from_config(cls, cfg) -> "Trainer":
+    def from_config(cls, cfg, engine=None) -> "Trainer":
+        """``engine``: a ``RolloutEngine`` to use instead of the vLLM one the config describes."""
         from megatron_vgpo.training.build import build_trainer
 
-        return build_trainer(cls, cfg)
+        return build_trainer(cls, cfg, engine)
 
     def train(self) -> dict:
         self.resume()
         if self.step == 0 and self.cfg.trainer.format_warmup.steps:
             format_warmup(self.actor, self.rollouts, self.cfg, self.groups,
-                          lambda step, m: self.metrics_logger.log(step, self.from_last_stage(m)))
+                          lambda step, m: self.metrics_logger.log(step, self.from_last_stage(m), progress=False))
             self.rollouts.sync_weights()
         if self.step == 0 and self.cfg.trainer.val_before_train:
             self.log(self.validate())
@@ -78,34 +84,33 @@ class Trainer:
         """This DP rank's rows -> Experience with old log-probs and focus scores (last stage)."""
         rows, minibatches = batch.assignment(self.cfg.trainer.global_batch_size, self.groups.dp_rank,
                                              self.groups.dp_size)
+        prompts = [batch.prompts[r] for r in rows]
+        images = RowImages.from_prompts(prompts, self.rollouts.pixel_spec, load_pixels=self.groups.is_first_stage)
         exp = build_experience(
-            [batch.prompt_ids[r] for r in rows], [batch.pixel_values[r] for r in rows],
-            [batch.image_grid_thw[r] for r in rows], [batch.responses[r] for r in rows],
+            [p.input_ids for p in prompts], [batch.responses[r] for r in rows],
             [batch.response_logprobs[r] for r in rows], [batch.group_ids[r] for r in rows],
-            [batch.rewards[r] for r in rows], pad_token_id=self.rollouts.pad_token_id,
-            image_token_id=self.rollouts.image_token_id)
+            [batch.rewards[r] for r in rows], images, pad_token_id=self.rollouts.pad_token_id,
+            image_token_id=self.rollouts.image_token_id, device=self.groups.device)
         exp.rows, exp.minibatches = rows, minibatches
         vgpo = self.cfg.algorithm.vgpo if self.cfg.algorithm.shaping == "vgpo" else None
         exp.old_logprobs, exp.rho = self.actor.old_logprobs_and_scores(exp, vgpo)
         return exp
 
     def compute_advantages(self, batch: RolloutStep, exp) -> dict:
-        """GRPO outcome advantages over whole groups, then VGPO shaping (last stage only)."""
+        """GRPO outcome advantages over whole groups, then VGPO shaping (last stage only). A data-
+        parallel rank holds whole groups (``RolloutStep.assignment``), so both are computed locally."""
         alg = self.cfg.algorithm
-        outcome = compute_grpo_outcome_advantages(
-            torch.tensor(batch.rewards), torch.tensor(batch.group_ids), eps=alg.adv_eps,
-            scale_by_std=alg.advantage_estimator == "grpo")[exp.rows]
         if exp.old_logprobs is None:  # not the last stage: the loss never runs here
-            exp.old_logprobs = exp.advantages = torch.zeros(exp.input_ids.shape)
+            exp.old_logprobs = exp.advantages = torch.zeros_like(exp.rollout_logprobs)
             return {}
+        outcome = compute_grpo_outcome_advantages(exp.rewards, exp.group_ids, eps=alg.adv_eps,
+                                                  scale_by_std=alg.advantage_estimator == "grpo")
         metrics = {}
         if exp.rho is None:
             exp.advantages = outcome.unsqueeze(-1) * exp.response_mask
         else:
             traj = trajectory_weights(exp.rho, exp.response_mask, exp.has_image, alg.vgpo)
-            s, has_image, gids = (self.gather_dp(t) for t in (traj.s, exp.has_image, exp.group_ids))
-            phi_all = inter_trajectory_factor(s, has_image, gids, alg.vgpo)
-            phi = phi_all[self.local_slice(len(exp))]
+            phi = inter_trajectory_factor(traj.s, exp.has_image, exp.group_ids, alg.vgpo)
             exp.advantages = combine_advantages(outcome, traj.psi, phi, exp.response_mask)
             valid = exp.response_mask & exp.has_image.unsqueeze(-1)
             metrics.update({f"vgpo/{k}": v for k, v in
@@ -115,10 +120,9 @@ class Trainer:
 
     def update(self, batch: RolloutStep, exp) -> dict:
         """PPO epochs over mini-batches of ``global_batch_size`` groups (each DP rank its share)."""
-        steps = []
-        for _ in range(self.cfg.algorithm.ppo_epochs):
-            steps += self.actor.update(exp, exp.minibatches, self.cfg.algorithm)
-        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]} if steps else {}
+        alg = self.cfg.algorithm
+        stats = self.actor.update(exp, [rows for _ in range(alg.ppo_epochs) for rows in exp.minibatches], alg)
+        return update_metrics(stats, self.groups.dp_group)
 
     def validate(self) -> dict:
         if self.val_set is None:
@@ -134,11 +138,14 @@ class Trainer:
 
     def maybe_save(self) -> None:
         if self.checkpoints.should_save(self.step, self.cfg.trainer.total_steps):
-            self.checkpoints.save(self.step, self.actor.model, self.actor.optimizer, self.actor.scheduler.state_dict(),
-                                  self.rollouts.state_dict(), hf_config_dir=self.cfg.model.hf_path)
+            with self.actor.optimizer_on_device():
+                self.checkpoints.save(self.step, self.actor.model, self.actor.optimizer,
+                                      self.actor.scheduler.state_dict(), self.rollouts.state_dict(),
+                                      hf_config_dir=self.cfg.model.hf_path)
 
     def resume(self) -> None:
-        state = self.checkpoints.resume(self.actor.model, self.actor.optimizer)
+        with self.actor.optimizer_on_device():
+            state = self.checkpoints.resume(self.actor.model, self.actor.optimizer)
         if state is not None:
             self.step = state.step
             self.metrics_logger.resume_at(state.step)  # TensorBoard drops what the killed run logged later
@@ -170,20 +177,6 @@ class Trainer:
     def num_params(self) -> int:
         """Parameters of the whole policy (all stages and TP shards), from its HF config."""
         return sum(math.prod(shape) for shape in expected_hf_shapes(self.actor.chunks[0].hf_config).values())
-
-    def local_slice(self, n_local: int) -> slice:
-        sizes = [None] * self.groups.dp_size
-        dist.all_gather_object(sizes, n_local, group=self.groups.dp_group) if self.groups.dp_size > 1 else None
-        start = sum(sizes[: self.groups.dp_rank]) if self.groups.dp_size > 1 else 0
-        return slice(start, start + n_local)
-
-    def gather_dp(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate ``[b]`` vectors of every data-parallel rank, in DP-rank order."""
-        if self.groups.dp_size == 1:
-            return t
-        parts = [None] * self.groups.dp_size
-        dist.all_gather_object(parts, t, group=self.groups.dp_group)
-        return torch.cat(parts)
 
     def from_last_stage(self, metrics: dict) -> dict:
         """Every rank gets the metrics of the (tp 0, dp 0) rank of the last pipeline stage, merged

@@ -33,12 +33,19 @@ def _import_strategies() -> None:
 def load_model_checkpoint(chunks: list, ckpt_dir: str | Path) -> None:
     """Fill ``chunks`` (this rank's model chunks) from the checkpoint ``ckpt_dir``."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_vgpo.checkpoint.dist_io import check_megatron_dir
 
     check_megatron_dir(Path(ckpt_dir))
     _import_strategies()
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
+    try:
+        state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
+    # Shapes, missing keys: the message names the tensor, not the checkpoint. (torch's
+    # CheckpointException derives from BaseException.)
+    except (Exception, CheckpointException) as e:
+        raise ValueError(f"{ckpt_dir}: cannot load this Megatron checkpoint into the model (a checkpoint of "
+                         f"another model or config?): {type(e).__name__}: {e}") from e
     if len(chunks) == 1:
         chunks[0].load_state_dict(state, strict=True)
         return

@@ -71,6 +71,8 @@ class RolloutConfig:
     kv_cache_memory_bytes: Optional[int] = doc(
         None, "KV cache size in bytes; required on CPU, where vLLM cannot size it from the device.")
     enable_sleep_mode: bool = doc(True, "Free KV cache and weights during training (GPU only; ignored on CPU).")
+    sleep_level: Literal[1, 2] = doc(2, "vLLM sleep level while training: 1 keeps a host copy of the weights, 2 discards them "
+                              "(the weight sync rewrites every weight; buffers are kept).")
     enforce_eager: bool = doc(False, "Disable CUDA graphs in the engine.")
     weight_sync_bucket_mb: int = doc(512, "Bucket size in MiB for streaming resharded weights into the engine.")
     seed: int = doc(1, "Base seed of the rollout sampler.")
@@ -118,9 +120,13 @@ class OptimizerConfig:
     adam_beta2: float = doc(0.999, "Adam beta2.")
     adam_eps: float = doc(1e-8, "Adam epsilon.")
     clip_grad: float = doc(1.0, "Global gradient-norm clipping; 0 disables it.")
-    lr_warmup_steps: int = doc(0, "Linear warmup steps.")
-    lr_decay_style: Literal["constant", "linear", "cosine"] = doc("constant", "Decay after warmup.")
+    lr_warmup_steps: int = doc(0, "Linear warmup, in trainer (RL) steps; the schedule itself advances per optimizer step.")
+    lr_decay_style: Literal["constant", "linear", "cosine"] = doc(
+        "constant", "Decay after warmup, reaching min_lr at the run's last optimizer step.")
     use_distributed_optimizer: bool = doc(True, "Shard optimizer states over DP (GPU only; plain optimizer on CPU).")
+    offload_during_rollout: bool = doc(
+        False, "Move optimizer states (fp32 master weights, Adam moments) and gradient buffers to host memory while "
+               "the rollout engine runs, and back for the update (frees GPU memory for the KV cache).")
 
 
 @dataclass

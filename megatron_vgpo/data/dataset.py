@@ -11,6 +11,11 @@ reason instead of failing deep in the model mid-run. A row is kept only when:
 - its prompt, image tokens included, has at most ``max_prompt_length`` tokens. The length is computed
   without running the image processor: each image's token count follows from its resized size.
 
+Examples are light: ``dataset[i]`` tokenises the prompt (image pads expanded from the sizes found by
+the scan) and does NOT decode its images; ``example.load_images()`` decodes and resizes them when a
+consumer needs the pixels (the rollout engine for the prompts it generates, the first pipeline stage
+for the rows it trains). A rollout batch on a rank that never reads its pixels costs no image memory.
+
 Skipped rows are logged (each one up to ``LOG_LIMIT`` per file, then a per-file summary with counts
 per reason) and kept in ``dataset.skipped``. A missing column raises ``MissingColumnError`` naming the
 column and file; a dataset with no usable row raises ``NoUsableExamplesError``.
@@ -18,11 +23,12 @@ column and file; a dataset with no usable row raises ``NoUsableExamplesError``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -56,14 +62,22 @@ class PromptExample:
     """Ground truth for the reward."""
     prompt_text: str
     """Chat-templated prompt with ONE ``<|image_pad|>`` per image (what vLLM takes with ``images``)."""
-    images: list[Image.Image]
-    """RGB images already at their final (smart-resized) size; the engine must not resize them."""
     input_ids: torch.Tensor
     """[L] int64 prompt token ids, each image pad expanded to the image's token count."""
-    pixel_values: Optional[torch.Tensor]
-    """[num_patches, C * temporal_patch * patch * patch] float32, all images concatenated; None if no image."""
     image_grid_thw: torch.Tensor
-    """[num_images, 3] int64 (t, h, w) patch grid per image; [0, 3] if no image."""
+    """[num_images, 3] int64 (t, h, w) patch grid per image at its final size; [0, 3] if no image."""
+    image_loader: Callable[..., list[Image.Image]] = field(repr=False, compare=False, default=lambda raw=False: [])
+    """Decodes (and unless ``raw``, resizes) the row's images (``load_images``)."""
+
+    @property
+    def num_images(self) -> int:
+        return self.image_grid_thw.shape[0]
+
+    def load_images(self, raw: bool = False) -> list[Image.Image]:
+        """The RGB images at their final (smart-resized) size, decoded now (nothing is cached: the
+        caller keeps them only as long as it needs them). The engine must not resize them. ``raw``:
+        as decoded, before resizing (a perturbation drawn on the raw image)."""
+        return self.image_loader(raw=raw)
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,7 @@ class _Kept:
     index: int
     row_id: str
     prompt_length: int
+    image_sizes: tuple[tuple[int, int], ...]  # (height, width) of each image after smart_resize
 
 
 class PromptDataset:
@@ -134,6 +149,8 @@ class PromptDataset:
         self._sources = [RowSource(f, columns) for f in self.files]  # missing columns fail here
         image_processor = processor.image_processor
         self._factor = image_processor.patch_size * image_processor.merge_size
+        self._patch = image_processor.patch_size
+        self._image_pad_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         _warn_if_engine_would_resize(image_processor, cfg)
         self.skipped: list[SkippedRow] = []
         self.kept_per_source: dict[str, int] = {}
@@ -150,43 +167,50 @@ class PromptDataset:
     def _image_dir(self, f: int) -> str:
         return self.cfg.image_dir or str(self._sources[f].path.parent)
 
-    def _check(self, f: int, row: dict) -> tuple[Optional[tuple[str, str]], int]:
-        """``(None, prompt length)`` for a usable row, else ``((SKIP_* kind, detail), 0)``."""
+    def _check(self, f: int, row: dict) -> tuple[Optional[tuple[str, str]], int, tuple]:
+        """``(None, prompt length, image sizes)`` for a usable row, else ``((SKIP_* kind, detail), 0, ())``."""
         cfg = self.cfg
         problem, answer, cells = row[cfg.prompt_key], row[cfg.answer_key], image_cells(row[cfg.image_key])
         if not isinstance(problem, str):
-            return (SKIP_PROBLEM, f"problem is {type(problem).__name__}, not a string"), 0
+            return (SKIP_PROBLEM, f"problem is {type(problem).__name__}, not a string"), 0, ()
         if coerce_answer(answer) is None:
-            return (SKIP_ANSWER, f"answer {answer!r} is not a non-empty string or a number"), 0
+            return (SKIP_ANSWER, f"answer {answer!r} is not a non-empty string or a number"), 0, ()
         reserved = [t for t in RESERVED_TOKENS if t in problem]
         if reserved:  # a literal image pad in the text would add image tokens that have no image
-            return (SKIP_PLACEHOLDERS, f"problem contains the reserved token(s) {', '.join(reserved)}"), 0
+            return (SKIP_PLACEHOLDERS, f"problem contains the reserved token(s) {', '.join(reserved)}"), 0, ()
         if problem.count(IMAGE_PLACEHOLDER) != len(cells):
             return (SKIP_PLACEHOLDERS, f"{problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                                       f"but {len(cells)} image(s)"), 0
-        image_tokens = 0
+                                       f"but {len(cells)} image(s)"), 0, ()
+        sizes = []
         for k, cell in enumerate(cells):
             try:
                 image = decode_image(cell, self._image_dir(f))
-                h, w = smart_resize(image.height, image.width, self._factor, cfg.min_pixels, cfg.max_pixels)
+                sizes.append(smart_resize(image.height, image.width, self._factor, cfg.min_pixels, cfg.max_pixels))
             except ImageDecodeError as e:
-                return (SKIP_IMAGE, f"image {k}: {e}"), 0
-            image_tokens += (h // self._factor) * (w // self._factor)
-        text = render_prompt(self.processor, problem, self.template)
-        # Image pads are special tokens, so the expanded length is additive.
-        length = (len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-                  - text.count(self.processor.image_token) + image_tokens)
+                return (SKIP_IMAGE, f"image {k}: {e}"), 0, ()
+        length = len(self._token_ids(render_prompt(self.processor, problem, self.template), sizes))
         if length > self.max_prompt_length:
-            return (SKIP_TOO_LONG, f"{length} prompt tokens > max_prompt_length {self.max_prompt_length}"), 0
-        return None, length
+            return (SKIP_TOO_LONG, f"{length} prompt tokens > max_prompt_length {self.max_prompt_length}"), 0, ()
+        return None, length, tuple(sizes)
+
+    def _token_ids(self, text: str, image_sizes) -> list[int]:
+        """The rendered prompt's token ids with each image's pad expanded to its token count, as the
+        processor expands them (image pads are special tokens, so the expansion is additive).
+        Tokenised without the length warning: over-long rows are skipped by the scan."""
+        ids = self.processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        counts = iter([(h // self._factor) * (w // self._factor) for h, w in image_sizes])
+        out: list[int] = []
+        for token in ids:
+            out.extend([token] * next(counts) if token == self._image_pad_id else [token])
+        return out
 
     def _scan(self, f: int, source: RowSource) -> None:
         skipped: list[SkippedRow] = []
         for i in range(len(source)):
             row_id = f"{self.names[f]}:{i}"
-            reason, length = self._check(f, source.row(i))
+            reason, length, sizes = self._check(f, source.row(i))
             if reason is None:
-                self._kept.append(_Kept(f, i, row_id, length))
+                self._kept.append(_Kept(f, i, row_id, length, sizes))
                 continue
             skipped.append(SkippedRow(row_id, *reason))
             log = logger.warning if len(skipped) <= LOG_LIMIT else logger.debug
@@ -210,25 +234,35 @@ class PromptDataset:
     def __getitem__(self, i: int) -> PromptExample:
         kept = self._kept[i]
         row = self._sources[kept.file].row(kept.index)
-        try:
-            images = [resize_image(decode_image(c, self._image_dir(kept.file)), self._factor, self.cfg.min_pixels,
-                                   self.cfg.max_pixels) for c in image_cells(row[self.cfg.image_key])]
-        except ImageDecodeError as e:  # it decoded during the scan: the file changed under the run
-            raise DatasetError(f"row {kept.row_id}: image no longer decodes: {e}") from e
         problem = row[self.cfg.prompt_key]
         text = render_prompt(self.processor, problem, self.template)
-        if images:
-            # The images are at their final size already; a second resize would resample them again.
-            enc = self.processor(text=[text], images=images, do_resize=False, return_tensors="pt")
-            pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"].long()
-        else:
-            enc = self.processor(text=[text], return_tensors="pt")
-            pixel_values, grid = None, torch.zeros(0, 3, dtype=torch.long)
-        input_ids = enc["input_ids"][0].long()
-        if len(input_ids) != kept.prompt_length:  # the scan and the processor disagree: a bug, not data
-            raise RuntimeError(f"row {kept.row_id}: {len(input_ids)} prompt tokens, scan computed "
-                               f"{kept.prompt_length}")
+        input_ids = torch.tensor(self._token_ids(text, kept.image_sizes), dtype=torch.long)
+        if len(input_ids) != kept.prompt_length:  # the scan and this call disagree: the file changed
+            raise DatasetError(f"row {kept.row_id}: {len(input_ids)} prompt tokens, the scan counted "
+                               f"{kept.prompt_length} (did the file change under the run?)")
+        grid = torch.tensor([(1, h // self._patch, w // self._patch) for h, w in kept.image_sizes],
+                            dtype=torch.long).view(-1, 3)
         return PromptExample(
             row_id=kept.row_id, source=self.names[kept.file], problem=problem,
-            answer=coerce_answer(row[self.cfg.answer_key]), prompt_text=text, images=images,
-            input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
+            answer=coerce_answer(row[self.cfg.answer_key]), prompt_text=text, input_ids=input_ids,
+            image_grid_thw=grid, image_loader=functools.partial(self.load_images, i))
+
+    def load_images(self, i: int, raw: bool = False) -> list[Image.Image]:
+        """Row ``i``'s images, decoded and resized to the sizes the scan found (``raw``: not resized)."""
+        kept = self._kept[i]
+        cells = image_cells(self._sources[kept.file].row(kept.index)[self.cfg.image_key])
+        images = []
+        for cell, size in zip(cells, kept.image_sizes):
+            try:
+                image = decode_image(cell, self._image_dir(kept.file))
+                if raw:
+                    images.append(image)
+                    continue
+                image = resize_image(image, self._factor, self.cfg.min_pixels, self.cfg.max_pixels)
+            except ImageDecodeError as e:  # it decoded during the scan: the file changed under the run
+                raise DatasetError(f"row {kept.row_id}: image no longer decodes: {e}") from e
+            if (image.height, image.width) != size:
+                raise DatasetError(f"row {kept.row_id}: image is {image.height}x{image.width} after resizing, "
+                                   f"the scan found {size[0]}x{size[1]} (did the file change under the run?)")
+            images.append(image)
+        return images

@@ -111,6 +111,7 @@ def resize_image(image: Image.Image, factor: int, min_pixels: int, max_pixels: i
 def processor_size_overrides(min_pixels: int, max_pixels: int) -> dict:
     """Image-processor kwargs that make a Qwen2-VL processor (HF, or vLLM's ``mm_processor_kwargs`` /
     ``RolloutRequest.mm_processor_kwargs``) resize with the data bounds, so that it leaves our already
-    resized images unchanged. The ``min_pixels``/``max_pixels`` form is the one vLLM's Qwen2-VL code
-    reads; transformers 5.19 accepts it with a deprecation notice (5.23 wants ``size``)."""
-    return {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    resized images unchanged. The ``size`` form: HF's image processor reads its ``shortest_edge`` /
+    ``longest_edge`` as the pixel bounds, and vLLM's Qwen2-VL processor takes them for its image-token
+    count too; the flat ``min_pixels``/``max_pixels`` form is deprecated in transformers."""
+    return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}

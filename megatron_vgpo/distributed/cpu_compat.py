@@ -1,7 +1,8 @@
-"""Everything that makes megatron-core (0.16, 0.17) run on a CPU-only torch, in one place.
+"""Everything that makes megatron-core (0.16, 0.17) run without CUDA, in one place.
 
-Megatron-Core assumes CUDA. On a machine without it (CI, laptops, the CPU quickstart) we apply the
-patches below, and only there: ``apply_cpu_compat()`` does nothing when ``torch.cuda.is_available()``.
+Megatron-Core assumes CUDA. On a machine without it (CI, laptops, the CPU quickstart; a CPU build of
+torch, or a CUDA build with no GPU) we apply the patches below, and only there:
+``apply_cpu_compat()`` does nothing when ``torch.cuda.is_available()``.
 It is idempotent and cheap; ``parallel.init_parallel`` and the model builders call it.
 
 Patches, each with why:
@@ -20,7 +21,21 @@ Patches, each with why:
    generator (the "device" generator on CPU), and which forwards the rest to the real
    ``torch.cuda``. The real ``torch`` module, and every other library (transformers, vLLM), are left
    untouched. Megatron modules imported after the call are patched by the next call; the call
-   imports the sub-packages training uses first so that one call is enough.
+   imports the modules training, checkpoint save and load use first (``_EAGER_IMPORTS``) so that
+   one call is enough. Beyond the sub-packages, the modules that takes, by megatron-core version:
+
+   - 0.16.x: ``dist_checkpointing.strategies.torch``, which ``dist_checkpointing`` imports only at
+     the first save or load, and with it ``filesystem_async`` (``torch.cuda.synchronize()`` in
+     ``preload_tensors``) and ``state_dict_saver`` (``torch.cuda.current_device()`` for the
+     failure broadcast); ``strategies.fully_parallel`` and its ``exchange_utils``
+     (``torch.cuda.synchronize()``, ``device="cuda"``, ``.cuda()`` in the fully parallel load).
+   - 0.17.x: the same modules; here ``strategies.torch`` imports ``filesystem_async`` and
+     ``state_dict_saver`` inside the save call, and ``serialization.save`` ``fully_parallel``, so
+     they must be named one by one.
+
+   Patches 2-4 target the same functions, with the same signatures, in both versions.
+   ``tests/distributed/test_cpu_compat.py`` saves and loads a checkpoint and then checks that no
+   loaded Megatron module that mentions CUDA still sees the real ``torch``.
 2. The RNG tracker (``tensor_parallel.random``): ``CudaRNGStatesTracker`` saves and restores the
    generator state through ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``; the latter goes through
    ``torch.cuda._lazy_call``, which on CPU-only torch queues the callback forever, so ``fork()``
@@ -65,7 +80,9 @@ _REAL_TORCH = torch
 _APPLIED_TO: set[str] = set()  # names of megatron modules already patched
 _ONCE_DONE = False
 
-# Sub-packages imported before patching so that their modules see the CPU stand-in.
+# Modules imported before patching so that they see the CPU stand-in: the sub-packages training
+# uses, then the checkpoint modules that Megatron imports only inside a save or load call (patch 1
+# lists them per version); each exists in 0.16 and 0.17.
 _EAGER_IMPORTS = (
     "megatron.core.parallel_state",
     "megatron.core.tensor_parallel",
@@ -75,6 +92,10 @@ _EAGER_IMPORTS = (
     "megatron.core.distributed",
     "megatron.core.optimizer",
     "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 
 _FACTORIES = (

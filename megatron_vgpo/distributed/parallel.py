@@ -83,11 +83,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_process_group(backend: str, timeout_minutes: int) -> None:
+def _init_process_group(backend: str, timeout_minutes: int, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_initialized():
         return
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group(backend=backend, timeout=timeout)
@@ -96,21 +96,25 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
                                 init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
-def init_parallel(parallel, seed: int = 1234) -> ParallelGroups:
+def init_parallel(parallel, seed: int = 1234, device: str = "auto") -> ParallelGroups:
     """Start torch.distributed and Megatron model parallelism from a ``ParallelConfig``.
 
     Reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK); without
     it, starts a world of one. ``seed`` seeds Megatron's RNG tracker (TP ranks get distinct streams
-    for their weight shards, DP ranks the same). Raises ValueError naming the fields when the world
-    size does not fit TP x PP.
+    for their weight shards, DP ranks the same). ``device`` is ``trainer.device`` (see
+    ``utils/device.py``); it becomes ``ParallelGroups.device`` and this process's current CUDA device.
+    Raises ValueError naming the fields when the world size does not fit TP x PP.
     """
     apply_cpu_compat()
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_vgpo.utils.device import resolve_device
+
+    torch_device = resolve_device(device)
     backend = resolve_backend(parallel.backend)
-    _init_process_group(backend, parallel.timeout_minutes)
+    _init_process_group(backend, parallel.timeout_minutes, torch_device)
     layout = parallel_layout(parallel, dist.get_world_size())
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -132,7 +136,7 @@ def init_parallel(parallel, seed: int = 1234) -> ParallelGroups:
         dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
         pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        device=torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"),
+        device=torch_device,
     )
 
 

@@ -9,8 +9,9 @@ Lifecycle of one RL step, colocated (engine and trainer share the devices)::
 
     engine.wake_up()                     # weights + KV cache back on the device (no-op on CPU)
     batch = engine.generate(requests, sampling)
-    engine.sleep(level=1)                # free the KV cache (and offload weights) for training
+    engine.sleep(level=2)                # free the KV cache and discard the weights for training
     ... log-probs, advantages, update ...
+    empty the allocator cache
     engine.wake_up(["weights"]); engine.update_weights(resharded()); engine.wake_up(["kv_cache"])
 """
 

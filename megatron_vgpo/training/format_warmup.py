@@ -26,6 +26,7 @@ import torch
 
 from megatron_vgpo.data import PromptDataLoader
 from megatron_vgpo.training.experience import build_experience
+from megatron_vgpo.training.micro_batch import RowImages
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +59,23 @@ def format_warmup(actor, rollouts, cfg, groups, log) -> None:
     tokenizer = rollouts.processor.tokenizer
     eot = end_of_turn_id(tokenizer)
     rng = random.Random(f"megatron_vgpo-format-warmup/{cfg.trainer.seed}")
+    rollouts.sleep()  # training only: the engine's memory is free until the next weight sync
     for step in range(1, wcfg.steps + 1):
         examples = loader.next_batch()
         targets = [tokenizer.encode(format_target(a), add_special_tokens=False) + [eot]
                    for a in random_answers([ex.answer for ex in examples], rng)]
-        mine = list(range(groups.dp_rank, len(examples), groups.dp_size))  # this DP rank's rows
+        ids = list(range(groups.dp_rank, len(examples), groups.dp_size))  # this DP rank's rows
+        mine = [examples[i] for i in ids]
+        images = RowImages.from_prompts(mine, rollouts.pixel_spec, load_pixels=groups.is_first_stage)
         exp = build_experience(
-            [examples[i].input_ids.tolist() for i in mine], [examples[i].pixel_values for i in mine],
-            [examples[i].image_grid_thw for i in mine], [targets[i] for i in mine],
-            [[0.0] * len(targets[i]) for i in mine], mine, [0.0] * len(mine),
-            pad_token_id=rollouts.pad_token_id, image_token_id=rollouts.image_token_id)
+            [ex.input_ids for ex in mine], [targets[i] for i in ids], [[0.0] * len(targets[i]) for i in ids], ids,
+            [0.0] * len(ids), images, pad_token_id=rollouts.pad_token_id, image_token_id=rollouts.image_token_id,
+            device=groups.device)
         old, _ = actor.old_logprobs_and_scores(exp, None)
-        exp.old_logprobs = old if old is not None else torch.zeros(exp.input_ids.shape)
+        exp.old_logprobs = old if old is not None else torch.zeros_like(exp.rollout_logprobs)
         exp.advantages = exp.response_mask.float()
-        metrics = actor.update(exp, [list(range(len(exp)))], cfg.algorithm, lr=wcfg.lr, schedule=False)[0]
-        out = {"warmup/grad_norm": metrics["actor/grad_norm"]}
+        stats = actor.update(exp, [list(range(len(exp)))], cfg.algorithm, lr=wcfg.lr, schedule=False)[0]
+        out = {"warmup/grad_norm": stats.grad_norm}
         if old is not None:
             out["warmup/nll"] = float(-(old * exp.response_mask).sum() / exp.response_mask.sum().clamp(min=1))
         log(step, out)

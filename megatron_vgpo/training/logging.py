@@ -90,8 +90,9 @@ class MetricsLogger:
 
         return SummaryWriter(str(self.logdir), purge_step=start_step + 1 if start_step > 0 else None)
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Write ``metrics`` (tag -> number, e.g. ``actor/pg_loss``) at ``step`` and update the console."""
+    def log(self, step: int, metrics: Mapping[str, float], progress: bool = True) -> None:
+        """Write ``metrics`` (tag -> number, e.g. ``actor/pg_loss``) at ``step`` and update the console
+        (``progress=False``: TensorBoard only, for phases that are not RL steps, e.g. the warm-up)."""
         if self._writer is None:
             return
         values = {tag: _as_float(tag, value) for tag, value in metrics.items()}
@@ -101,7 +102,8 @@ class MetricsLogger:
                 logger.warning("metrics: %s is %s at step %d (written as is)", tag, value, step)
             self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()
-        self._progress(step, values)
+        if progress:
+            self._progress(step, values)
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -125,7 +127,7 @@ class MetricsLogger:
         if not self.cfg.progress_bar:
             return
         shown = {label: values[tag] for label, tag in self.progress_keys.items() if tag in values}
-        per_dataset = {f"val {tag[len(VAL_PREFIX):]}": v for tag, v in values.items() if tag.startswith(VAL_PREFIX)}
+        per_dataset = {_val_label(tag[len(VAL_PREFIX):]): v for tag, v in values.items() if tag.startswith(VAL_PREFIX)}
         if per_dataset:  # "val 0.57" pooled over val and a blank control would hide both
             shown = {k: v for k, v in shown.items() if k != "val"} | per_dataset
         if self._bar is not None:
@@ -141,11 +143,19 @@ class MetricsLogger:
         done = step - self.start_step
         per_step = (time.monotonic() - self._started) / done if done > 0 else float("nan")
         parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)" if self.total_steps
-                 else f"step {step}", f"{per_step:.3g} s/step"]
+                 else f"step {step}"]
+        if done > 0:
+            parts.append(f"{per_step:.3g} s/step")
         if self.total_steps and done > 0:
             parts.append(f"ETA {_hms(per_step * max(self.total_steps - step, 0))}")
         parts += [f"{label} {value:.4g}" for label, value in shown.items()]
         return " | ".join(parts)
+
+
+def _val_label(dataset: str) -> str:
+    """Console label of a validation dataset's accuracy: its name (``val``, ``val_blank``), prefixed
+    with ``val`` when the name does not say it (``val mmk12``)."""
+    return dataset if dataset.startswith("val") else f"val {dataset}"
 
 
 def _as_float(tag: str, value) -> float:

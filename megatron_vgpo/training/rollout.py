@@ -2,7 +2,16 @@
 weight sync, and which data-parallel rank trains on which groups.
 
 Every rank calls the same methods in the same order (the engine's collectives and the broadcast of
-rewards need it) and ends up holding the same ``RolloutStep``.
+rewards need it) and ends up holding the same ``RolloutStep``. A step's rows refer to their prompt's
+``PromptExample`` (one object shared by the ``n`` responses); images are decoded only where pixels
+are used: for generation, by the ranks of the rollout group that generates the prompt; for training,
+by ``Experience`` building on the first pipeline stage of the data-parallel rank that trains it.
+
+Colocation (engine and trainer share the devices), one step::
+
+    generate (engine awake) ... -> engine.sleep(rollout.sleep_level)       # end of sample()
+    log-probs, advantages, update (optimizer states onloaded for the update only)
+    empty the allocator cache -> engine.wake_up(["weights"]) -> update_weights -> wake_up(["kv_cache"])
 """
 
 from __future__ import annotations
@@ -15,9 +24,11 @@ import torch.distributed as dist
 
 from megatron_vgpo.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
 from megatron_vgpo.data import iter_val_batches
+from megatron_vgpo.models.qwen2_5_vl.pixels import PixelSpec
 from megatron_vgpo.rollout.data_parallel import generate_data_parallel, share
 from megatron_vgpo.rollout.metrics import logprob_mismatch
 from megatron_vgpo.rollout.types import RolloutRequest, SamplingParams
+from megatron_vgpo.utils.device import empty_cache
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +42,7 @@ def share_groups(groups: list[int], dp_rank: int, dp_size: int) -> list[int]:
 class RolloutStep:
     """All kept responses of one step, the same on every rank. Row-major lists, one entry per response."""
 
-    prompt_ids: list = field(default_factory=list)
-    pixel_values: list = field(default_factory=list)
-    image_grid_thw: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # the row's PromptExample (shared by its group's rows)
     responses: list = field(default_factory=list)
     response_logprobs: list = field(default_factory=list)
     group_ids: list = field(default_factory=list)
@@ -43,7 +52,7 @@ class RolloutStep:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.responses))
+        return sum(len(p.input_ids) + len(r) for p, r in zip(self.prompts, self.responses))
 
     def rows_of(self, groups: list[int]) -> list[int]:
         wanted = {g: i for i, g in enumerate(groups)}
@@ -62,6 +71,12 @@ class RolloutStep:
         return rows, minibatches
 
 
+def _request(example) -> RolloutRequest:
+    """The engine request of a prompt: its token ids (image pads expanded; the engine collapses
+    them) and its images, decoded now."""
+    return RolloutRequest(example.input_ids.tolist(), example.load_images())
+
+
 class Rollouts:
     """Engine, tokenizer, data, rewards and the resharder, driven by the trainer."""
 
@@ -71,16 +86,15 @@ class Rollouts:
         tok = processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.next_group_id = 0
 
     # ---------------------------------------------------------------------------------- sampling
 
     def _generate(self, examples, sampling: SamplingParams):
-        requests = [RolloutRequest(ex.input_ids.tolist(), ex.images) for ex in examples]
-        self.engine.wake_up()
-        batch = generate_data_parallel(self.engine, requests, sampling, self.rollout_groups)
-        self.engine.sleep(level=1)
-        return batch
+        """Responses to ``examples`` (every rank gets them all); a rank decodes only the images of
+        the prompts its rollout group generates."""
+        return generate_data_parallel(self.engine, examples, sampling, self.rollout_groups, _request)
 
     def _score(self, examples, batch) -> list:
         """Grade on rank 0 (its worker processes hold the timeouts) and broadcast the results."""
@@ -132,10 +146,7 @@ class Rollouts:
                 logger.warning("dynamic sampling kept no group in %d batches; using the last batch", attempt + 1)
                 keep = torch.ones(len(gids), dtype=torch.bool)
             for r in torch.nonzero(keep).flatten().tolist():
-                ex = examples[batch.request_index[r]]
-                out.prompt_ids.append(ex.input_ids.tolist())
-                out.pixel_values.append(ex.pixel_values)
-                out.image_grid_thw.append(ex.image_grid_thw if ex.pixel_values is not None else None)
+                out.prompts.append(examples[batch.request_index[r]])
                 out.responses.append(batch.response_token_ids[r])
                 out.response_logprobs.append(batch.response_logprobs[r])
                 out.group_ids.append(gids[r])
@@ -145,6 +156,7 @@ class Rollouts:
             if len(out.group_order) >= cfg.data.rollout_batch_size:
                 break
         self._truncate(out, cfg.data.rollout_batch_size)
+        self.sleep()  # training next
         n = len(lengths)
         out.metrics = {
             "reward/accuracy": sum(acc_all) / n, "reward/format": sum(fmt_all) / n,
@@ -164,16 +176,21 @@ class Rollouts:
             return
         kept = set(out.group_order[:keep])
         rows = [r for r, g in enumerate(out.group_ids) if g in kept]
-        for name in ("prompt_ids", "pixel_values", "image_grid_thw", "responses", "response_logprobs", "group_ids",
-                     "rewards"):
+        for name in ("prompts", "responses", "response_logprobs", "group_ids", "rewards"):
             values = getattr(out, name)
             setattr(out, name, [values[r] for r in rows])
         out.group_order = out.group_order[:keep]
 
     # ------------------------------------------------------------------------ weights, validation
 
+    def sleep(self) -> None:
+        """Free the engine's device memory for training (``rollout.sleep_level``; a no-op on CPU)."""
+        self.engine.sleep(level=self.cfg.rollout.sleep_level)
+
     def sync_weights(self) -> None:
-        """Stream the trainer's weights into the engine (every rank, in step)."""
+        """Stream the trainer's weights into the engine (every rank, in step): the allocator's cached
+        blocks go back to the device first, so that the engine's weights and KV cache fit."""
+        empty_cache()
         self.engine.wake_up(["weights"])
         self.engine.update_weights(self.resharder.hf_weights())
         self.engine.wake_up(["kv_cache"])

@@ -16,14 +16,20 @@ MERGE = 2  # the tiny model's spatial merge size
 
 
 def check_example(ex, processor, n_images):
-    """Image pad count == sum of image_grid_thw / merge^2, and pixel rows == sum of the grids."""
+    """Image pad count == sum of image_grid_thw / merge^2; the token ids and grids the dataset computes
+    without running the image processor equal the processor's on the decoded images."""
     assert ex.image_grid_thw.shape == (n_images, 3)
     pads = int((ex.input_ids == processor.image_token_id).sum())
     assert pads == int(ex.image_grid_thw.prod(-1).sum()) // MERGE ** 2
+    images = ex.load_images()
+    assert len(images) == n_images == ex.num_images
     if n_images:
-        assert ex.pixel_values.shape[0] == int(ex.image_grid_thw.prod(-1).sum())
         assert ex.prompt_text.count("<|image_pad|>") == n_images
-    assert len(ex.images) == n_images
+        enc = processor(text=[ex.prompt_text], images=images, do_resize=False, return_tensors="pt")
+        assert torch.equal(enc["image_grid_thw"], ex.image_grid_thw)
+    else:
+        enc = processor(text=[ex.prompt_text], return_tensors="pt")
+    assert torch.equal(enc["input_ids"][0], ex.input_ids)
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".json", ".jsonl"])
@@ -42,7 +48,7 @@ def test_loads_each_format_with_path_images(processor, tmp_path, suffix):
         check_example(ex, processor, len(row["images"]))
     assert ds[0].image_grid_thw.tolist() == [[1, 4, 6]]  # 84x56 -> 4x6 patches -> 6 tokens
     assert (ds[0].input_ids == processor.image_token_id).sum() == 6
-    assert ds[2].pixel_values is None
+    assert ds[2].num_images == 0
 
 
 def test_loads_parquet_struct_images(processor, tmp_path):
@@ -63,13 +69,13 @@ def test_raw_bytes_images_and_relative_paths_default_to_the_file_directory(proce
     raw = write_rows(tmp_path / "raw.parquet", [{"problem": "<image>q", "answer": "1", "images": [png()]}])
     rel = write_rows(sub / "rel.parquet", [{"problem": "<image>q", "answer": "1", "images": ["b.png"]}])
     ds = PromptDataset([raw, rel], data_cfg(), processor, 512)
-    assert len(ds) == 2 and ds[1].images[0].size == (56, 56) and ds.names == ["raw", "rel"]
+    assert len(ds) == 2 and ds[1].load_images()[0].size == (56, 56) and ds.names == ["raw", "rel"]
 
 
 def test_images_are_resized_into_the_pixel_bounds_once(processor, tmp_path):
     f = write_rows(tmp_path / "d.parquet", [{"problem": "<image>q", "answer": "1", "images": [png(300, 200)]}])
     ex = PromptDataset([f], data_cfg(max_pixels=112 * 112), processor, 512)[0]
-    w, h = ex.images[0].size
+    w, h = ex.load_images()[0].size
     assert w % 28 == 0 and h % 28 == 0 and w * h <= 112 * 112
     assert ex.image_grid_thw.tolist() == [[1, h // 14, w // 14]]
 
@@ -169,7 +175,7 @@ def test_synthetic_dataset_loads_whole(processor, tmp_path):
     assert len(ds) == 8 and not ds.skipped
     ex = ds[0]
     check_example(ex, processor, 1)
-    assert ex.image_grid_thw.tolist() == [[1, 4, 4]] and ex.pixel_values.dtype == torch.float32
+    assert ex.image_grid_thw.tolist() == [[1, 4, 4]] and ex.load_images()[0].size == (56, 56)
 
 
 def test_bounds_outside_the_processors_are_flagged(processor, tmp_path, caplog):

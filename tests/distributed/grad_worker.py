@@ -14,7 +14,9 @@ Also checks that replicated parameters (norms, vision tower) got identical gradi
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,22 +45,29 @@ def loss_inputs(batch, rows):
     return advantages, response
 
 
+@dataclass
+class LossBatch(PolicyBatch):
+    """Model inputs plus this test's loss inputs (moved to the device with them)."""
+
+    advantages: Optional[torch.Tensor] = None  # [B, L]
+    response_mask: Optional[torch.Tensor] = None  # [B, L] bool
+
+
 def policy_batches(hf_config):
     from megatron_vgpo.models.qwen2_5_vl.parity import MICRO_BATCH_ROWS
 
     batches = []
     for batch, rows in zip(micro_batches(fixed_multimodal_batch(hf_config)), MICRO_BATCH_ROWS):
         advantages, response = loss_inputs(batch, rows)
-        batches.append(PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                                   extra={"advantages": advantages, "response_mask": response}))
+        batches.append(LossBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                                 advantages=advantages, response_mask=response))
     return batches
 
 
-def dapo_loss(batch: PolicyBatch, out, num_tokens: int):
-    result = dapo_policy_loss(out.logprobs, out.logprobs.detach(), batch.extra["advantages"],
-                              batch.extra["response_mask"], num_tokens, entropy=out.entropy,
-                              entropy_coef=ENTROPY_COEF)
-    return result.loss, torch.tensor(1), result.loss.detach()
+def dapo_loss(batch: LossBatch, out, num_tokens: int):
+    result = dapo_policy_loss(out.logprobs, out.logprobs.detach(), batch.advantages, batch.response_mask, num_tokens,
+                              entropy=out.entropy, entropy_coef=ENTROPY_COEF)
+    return result.loss, torch.ones((), dtype=torch.int, device=out.logprobs.device), result.loss.detach()
 
 
 def gathered_grads(chunks, groups) -> tuple[dict, float]:
@@ -83,7 +92,7 @@ def full_gradients(hf_dir, groups) -> tuple[dict, float]:
     chunks = build_policy(hf_config, ModelConfig(params_dtype="float32"), groups)
     load_hf_weights(chunks, hf_dir)
     batches = policy_batches(hf_config)
-    num_tokens = int(sum(b.extra["response_mask"].sum() for b in batches))
+    num_tokens = int(sum(b.response_mask.sum() for b in batches))
     run_pipeline(chunks, batches, lambda b, out: dapo_loss(b, out, num_tokens), compute_entropy=True,
                  return_hidden_states=False)
     return gathered_grads(chunks, groups)

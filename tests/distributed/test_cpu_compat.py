@@ -1,6 +1,14 @@
-"""The CPU patches for Megatron-Core: scoped to Megatron modules, idempotent, RNG forks that work."""
+"""The CPU patches for Megatron-Core: scoped to Megatron modules, idempotent, RNG forks that work, and
+one call enough for a checkpoint save and load (whatever the installed megatron-core imports late)."""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +74,60 @@ def test_megatron_grad_clipping_runs_on_cpu_and_matches_torch():
     before = [p.grad.clone() for p in params]
     clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=100.0, total_norm=0.5)  # below the max: unchanged
     assert all(torch.equal(a, p.grad) for a, p in zip(before, params))
+
+
+_MENTIONS_CUDA = re.compile(r"torch\.cuda\.|device=['\"]cuda|\.cuda\(\)")
+
+
+def _unpatched_megatron_modules() -> list[str]:
+    """Loaded ``megatron.core`` modules whose source calls CUDA but whose ``torch`` is the real one."""
+    found = []
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch and path:
+            if _MENTIONS_CUDA.search(Path(path).read_text(errors="replace")):
+                found.append(name)
+    return found
+
+
+def save_and_load_after_one_apply(directory: str) -> None:
+    """Run by the test below in a fresh interpreter: ``apply_cpu_compat`` once (``init_parallel``),
+    then Megatron's own save and load, fully parallel strategies included (``CheckpointManager``
+    uses them); prints the result as JSON."""
+    from megatron_vgpo.config.schema import ParallelConfig
+    from megatron_vgpo.distributed import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    saved = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    save_strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy())
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", saved)}, directory,
+                            sharded_strategy=save_strategy)
+    target = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4, 3))}
+    load_strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory))
+    loaded = dist_checkpointing.load(target, directory, sharded_strategy=load_strategy)["w"]
+    destroy_parallel()
+    print(json.dumps({"equal": torch.equal(loaded, saved), "unpatched": _unpatched_megatron_modules()}))
+
+
+def test_one_apply_covers_a_checkpoint_save_and_load(tmp_path):
+    """megatron-core 0.17 imports its save modules inside the save call, after ``apply_cpu_compat``
+    (``filesystem_async.preload_tensors`` calls ``torch.cuda.synchronize()``): in a fresh process,
+    so that no other test's later call has patched them already."""
+    code = f"from tests.distributed.test_cpu_compat import save_and_load_after_one_apply as f; f({str(tmp_path)!r})"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"equal": True, "unpatched": []}, result

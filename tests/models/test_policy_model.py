@@ -63,7 +63,7 @@ def test_gradients_match_hf(hf_model, world_of_one):
     """One backward of the DAPO loss (+ entropy bonus): Megatron TP1 gradients == HF autograd's."""
     chunks = policy(hf_model, world_of_one)
     batches = policy_batches(hf_model.config)
-    num_tokens = int(sum(b.extra["response_mask"].sum() for b in batches))
+    num_tokens = int(sum(b.response_mask.sum() for b in batches))
     run_pipeline(chunks, batches, lambda b, out: dapo_loss(b, out, num_tokens), compute_entropy=True)
     arch = chunks[0].arch
     ours = dict(nm.megatron_to_hf(((n, p.grad) for n, p in chunks[0].named_parameters()), arch))
@@ -182,7 +182,7 @@ def test_recompute_activations_gives_the_same_gradients(world_of_one):
         assert chunks[0].vision.is_gradient_checkpointing == recompute
         assert (chunks[0].config.recompute_granularity == "full") == recompute
         batches = policy_batches(hf_model.config)
-        num_tokens = int(sum(b.extra["response_mask"].sum() for b in batches))
+        num_tokens = int(sum(b.response_mask.sum() for b in batches))
         run_pipeline(chunks, batches, lambda b, out: dapo_loss(b, out, num_tokens), compute_entropy=True)
         grads[recompute] = {n: p.grad.clone() for n, p in chunks[0].named_parameters()}
     assert grads[True].keys() == grads[False].keys()

@@ -206,3 +206,83 @@ def test_generate_data_parallel_in_a_world_of_one(engine, mm_request, text_reque
     assert (groups.dp_size, groups.tp_size) == (1, 1)
     a = generate_data_parallel(engine, [mm_request, text_request], sampling, groups)
     assert a.response_token_ids == engine.generate([mm_request, text_request], sampling).response_token_ids
+
+
+@pytest.fixture
+def vllm_records():
+    """Every record that reaches vLLM's own handler (on the "vllm" logger), after our filters."""
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Capture(level=logging.NOTSET)
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(handler)
+    yield records
+    vllm_logger.removeHandler(handler)
+
+
+def test_weight_reload_logs_only_what_matters(engine, hf_model, vllm_records, caplog):
+    """A full reload (what the trainer does every step) shows nothing at vLLM's console level (INFO):
+    the rotary "Failed to load weights" and the reload/cache-reset INFO lines are demoted to DEBUG,
+    and our own reload time is DEBUG. A partial reload still shows a warning per layer left out."""
+    console = min(h.level for h in logging.getLogger("vllm").handlers if h.level > logging.NOTSET)
+    assert console == logging.INFO, "VLLM_LOGGING_LEVEL is not the default; the test assumes INFO"
+    with caplog.at_level(logging.DEBUG, logger="megatron_vgpo.rollout.vllm_engine"):
+        engine.update_weights(hf_state_dict(hf_model).items())
+    shown = [r.getMessage() for r in vllm_records if r.levelno >= console]
+    demoted = [r.getMessage() for r in vllm_records if r.levelno < console]
+    assert shown == []
+    assert {"RotaryEmbedding: Failed to load weights", "MRotaryEmbedding: Failed to load weights",
+            "Successfully reset prefix cache"} <= set(demoted)
+    ours = [r for r in caplog.records if "vLLM weights reloaded" in r.getMessage()]
+    assert [r.levelno for r in ours] == [logging.DEBUG]
+
+    vllm_records.clear()
+    engine.update_weights([("lm_head.weight", hf_state_dict(hf_model)["lm_head.weight"])])  # the same values
+    shown = [r.getMessage() for r in vllm_records if r.levelno >= console]
+    assert "QKVParallelLinear: Failed to load weights" in shown
+    assert any(m.startswith("Following weights were not loaded") for m in shown)
+    assert not any("RotaryEmbedding" in m for m in shown)
+
+
+@pytest.mark.parametrize("where", ["request", "engine"])
+def test_data_bounds_keep_a_resized_image_token_count(engine, processor, monkeypatch, where):
+    """An image already at its smart_resize size for the data bounds keeps its image-token count
+    through vLLM's processor given ``processor_size_overrides`` (per request, or for the engine as the
+    trainer passes them), equal to the trainer's processor with ``do_resize=False``, with no
+    transformers deprecation warning. Bounds below the processor's own minimum (3136 px), so that
+    without the overrides vLLM would upscale the 28 x 56 image: 6 image tokens instead of 2."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron_vgpo.data.images import processor_size_overrides, smart_resize
+
+    bounds = (28 * 28, 112 * 112)
+    size = processor_size_overrides(*bounds)
+    seed = {"request": 21, "engine": 22}[where]  # fresh images: no multimodal cache hit across cases
+    image, default = (Image.fromarray(np.random.RandomState(seed + k).randint(0, 256, (28, 56, 3), dtype=np.uint8))
+                      for k in (0, 100))
+    assert smart_resize(28, 56, 28, *bounds) == (28, 56)
+    text = chat_prompt(processor, QUESTION, 1)
+    ids = processor.tokenizer(text)["input_ids"]
+    trainer_ids = processor(text=[text], images=[image], do_resize=False, return_tensors="pt")["input_ids"][0].tolist()
+    if where == "engine":  # read per request from vLLM's model config: no second engine needed
+        mm_config = engine._llm.llm_engine.model_config.multimodal_config
+        monkeypatch.setattr(mm_config, "mm_processor_kwargs", size)
+        request = RolloutRequest(ids, [image])
+    else:
+        request = RolloutRequest(ids, [image], mm_processor_kwargs=size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = engine.generate([request], SamplingParams(n=1, max_tokens=2, temperature=0.0))
+    assert batch.prompt_token_ids[0] == trainer_ids
+    assert trainer_ids.count(engine.image_pad_id) == 2
+    assert not [w for w in caught if "min_pixels" in str(w.message)], [str(w.message) for w in caught]
+    monkeypatch.undo()
+    unbounded = engine.generate([RolloutRequest(ids, [default])], SamplingParams(n=1, max_tokens=2, temperature=0.0))
+    assert unbounded.prompt_token_ids[0].count(engine.image_pad_id) == 6  # the overrides were what mattered

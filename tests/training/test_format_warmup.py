@@ -14,11 +14,12 @@ from megatron_vgpo.config.schema import AlgorithmConfig, ModelConfig, OptimizerC
 from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
 from megatron_vgpo.models.qwen2_5_vl.loading import global_parameter_names, load_hf_weights
-from megatron_vgpo.models.qwen2_5_vl.parity import fixed_multimodal_batch
+from megatron_vgpo.models.qwen2_5_vl.parity import fixed_multimodal_batch, pixel_spec
 from megatron_vgpo.rewards import format_reward, last_boxed
 from megatron_vgpo.training.actor import Actor
 from megatron_vgpo.training.experience import Experience
 from megatron_vgpo.training.format_warmup import format_target, random_answers
+from megatron_vgpo.training.micro_batch import RowImages
 from tests.conftest import tiny_hf_config, tiny_hf_model
 
 RESPONSE_TOKENS = 6  # the last 6 tokens of each row of the parity batch play the target
@@ -31,19 +32,16 @@ def parity_experience(hf_config) -> Experience:
     positions = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
     attention = batch.attention_mask.bool()
     response = attention & (positions >= (lengths - RESPONSE_TOKENS).unsqueeze(1))
-    patches = batch.image_grid_thw.prod(-1)
-    starts = (torch.cumsum(patches, 0) - patches).tolist()
-    pixels, grids, image = [], [], 0
+    slots, first = [], 0
     for count in batch.images_per_row:
-        ids = list(range(image, image + count))
-        image += count
-        pixels.append(torch.cat([batch.pixel_values[starts[i]: starts[i] + patches[i]] for i in ids]) if ids else None)
-        grids.append(batch.image_grid_thw[ids] if ids else None)
+        slots.append(tuple(range(first, first + count)))
+        first += count
+    images = RowImages(batch.image_grid_thw, slots, list(batch.images), pixel_spec(hf_config))
     B = len(batch.images_per_row)
     return Experience(input_ids=batch.input_ids, attention_mask=attention, response_mask=response,
-                      image_mask=(batch.input_ids == hf_config.image_token_id) & attention,
-                      pixel_values=pixels, image_grid_thw=grids, group_ids=torch.arange(B),
-                      rewards=torch.zeros(B), rollout_logprobs=torch.zeros(batch.input_ids.shape))
+                      image_mask=(batch.input_ids == hf_config.image_token_id) & attention, images=images,
+                      lengths=lengths.tolist(), group_ids=torch.arange(B), rewards=torch.zeros(B),
+                      rollout_logprobs=torch.zeros(batch.input_ids.shape))
 
 
 def test_the_warmup_step_has_the_gradient_of_token_mean_cross_entropy(world_of_one):
@@ -57,8 +55,8 @@ def test_the_warmup_step_has_the_gradient_of_token_mean_cross_entropy(world_of_o
     exp.old_logprobs, _ = actor.old_logprobs_and_scores(exp, None)
     exp.advantages = exp.response_mask.float()
     lr_before = actor.optimizer.param_groups[0]["lr"]
-    metrics = actor.update(exp, [list(range(len(exp)))], AlgorithmConfig(), lr=3e-4, schedule=False)[0]
-    assert metrics["actor/lr"] == 3e-4 and actor.scheduler.num_steps == 0
+    stats = actor.update(exp, [list(range(len(exp)))], AlgorithmConfig(), lr=3e-4, schedule=False)[0]
+    assert stats.lr == 3e-4 and actor.scheduler.num_steps == 0
     assert lr_before != 3e-4
     ours = dict(nm.megatron_to_hf(((n, p.main_grad) for n, p in global_parameter_names(actor.chunks[0])),
                                   actor.chunks[0].arch))

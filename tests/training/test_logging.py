@@ -77,8 +77,19 @@ def test_progress_line_shows_each_validation_dataset_not_the_pooled_mean(tmp_pat
     with metrics_logger(tmp_path, stream=stream) as m:
         m.log(4, {"val/accuracy": 0.57, "val/accuracy/val": 0.89, "val/accuracy/val_blank": 0.25})
     line = stream.getvalue().strip()
-    assert line.endswith("| val val 0.89 | val val_blank 0.25"), line
+    assert line.endswith("| val 0.89 | val_blank 0.25"), line
     assert "0.57" not in line
+
+
+def test_progress_line_before_the_first_step_and_tensorboard_only_logging(tmp_path):
+    """Validation before training shows no rate (no step timed yet); a warm-up logs to TensorBoard without
+    printing RL progress lines; a dataset whose name does not say 'val' is labelled so."""
+    stream = io.StringIO()
+    with metrics_logger(tmp_path, stream=stream) as m:
+        m.log(0, {"val/accuracy/mmk12": 0.5})
+        m.log(1, {"warmup/nll": 3.0}, progress=False)
+    assert stream.getvalue().splitlines() == ["step 0/4 (0%) | val mmk12 0.5"]
+    assert read_scalars(m.logdir)["warmup/nll"] == [(1, 3.0)]
 
 
 def test_progress_bar_on_a_terminal_and_silence_when_off(tmp_path):

@@ -6,7 +6,11 @@ Forward contract (every stage receives the same batch; ``B`` rows of ``L`` token
 - ``input_ids [B, L]``, ``attention_mask [B, L]`` (1 = token, 0 = right padding; padding must be on
   the right: causal attention then never lets a real token see a pad, so no mask is needed inside
   the decoder), ``pixel_values [N_patches, C*T*P*P]`` and ``image_grid_thw [N_images, 3]`` for the
-  images of the whole batch in batch order (or None for a text-only batch).
+  images of the whole batch in batch order (or None for a text-only batch). With ``image_index``
+  (one entry per image slot of the batch, numbering the distinct images 0, 1, ... in order of first
+  use) ``pixel_values`` holds each DISTINCT image once and the slots sharing it reuse its encoding:
+  the ``n`` responses of a prompt in one micro-batch run the vision tower once. ``image_grid_thw``
+  stays per slot (every stage needs it for the M-RoPE positions).
 - The 3-D M-RoPE position ids ``[3, B, L]`` are recomputed from ``input_ids`` / ``image_grid_thw``
   on every stage (``rope_index.get_rope_index``): cheap, and nothing extra crosses the pipeline.
 - First stage: word embeddings, with the ``<|image_pad|>`` rows replaced by the vision tower output.
@@ -26,7 +30,7 @@ and we need the normed hidden states of the same pass too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -35,7 +39,13 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vgpo.models.qwen2_5_vl.rope_index import get_rope_index
-from megatron_vgpo.models.qwen2_5_vl.vision import build_vision_tower, image_features, merge_image_features
+from megatron_vgpo.models.qwen2_5_vl.vision import (
+    build_vision_tower,
+    distinct_image_grids,
+    features_per_slot,
+    image_features,
+    merge_image_features,
+)
 from megatron_vgpo.models.qwen2_5_vl.vocab_parallel import vocab_parallel_logprobs
 
 
@@ -98,10 +108,15 @@ class Qwen25VLChunk(MegatronModule):
             image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id)
         return position_ids
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+    def _embed(self, input_ids, pixel_values, image_grid_thw, image_index) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [L, B, d]
         if pixel_values is not None:
-            features = image_features(self.vision, pixel_values, image_grid_thw)
+            if image_index is None:
+                features = image_features(self.vision, pixel_values, image_grid_thw)
+            else:
+                grids = distinct_image_grids(image_grid_thw, image_index)
+                features = features_per_slot(image_features(self.vision, pixel_values, grids), grids, image_index,
+                                             self.hf_config.vision_config.spatial_merge_size)
             embeddings = merge_image_features(embeddings, input_ids, features, self.hf_config.image_token_id)
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings, group=self.groups.tp_group)
@@ -110,14 +125,15 @@ class Qwen25VLChunk(MegatronModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                 target_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                compute_entropy: bool = False, return_hidden_states: bool = True):
+                image_index: Optional[Sequence[int]] = None, compute_entropy: bool = False,
+                return_hidden_states: bool = True):
         """See the module docstring. Returns ``[L, B, d]`` hidden states on a non-last stage (or
         ``[L / tp, B, d]`` with sequence parallelism), a ``PolicyOutput`` on the last one."""
         check_right_padded(attention_mask)
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
         lm = self.language_model
-        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, image_index) if self.pre_process else None
         rotary = lm.rotary_pos_emb(position_ids, lm.mrope_section)
         hidden = lm.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
         if not self.post_process:

@@ -12,7 +12,8 @@ log-probs and final hidden states on a batch that exercises every input case at 
 text-only row -- then row 1 alone, so the two micro-batches also differ in length.
 
 Token ids are drawn from the text vocabulary below the special ids, so any Qwen2.5-VL config works
-(real or tiny). ``compare`` reports max absolute differences over VALID positions only: hidden
+(real or tiny). The images are random uint8 pictures (kept in ``images``); ``pixel_values`` are their
+patches as the Qwen2-VL processor makes them (``pixels.patchify``). ``compare`` reports max absolute differences over VALID positions only: hidden
 states where ``attention_mask`` is 1, log-probs where the target (the next token) is a real token.
 """
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from megatron_vgpo.models.qwen2_5_vl.pixels import PixelSpec, patchify_all
 
 IMAGE_GRIDS = ((1, 4, 4), (1, 6, 8), (1, 4, 4))  # (t, h, w) in patches, batch order
 IMAGES_PER_ROW = (1, 2, 0)
@@ -34,6 +37,7 @@ class ParityBatch:
     pixel_values: torch.Tensor | None  # [N_patches, C * T * P * P]
     image_grid_thw: torch.Tensor | None  # [N_images, 3]
     images_per_row: tuple[int, ...]
+    images: tuple = ()  # [N_images] of [3, H, W] uint8, batch order (the whole batch only)
 
     def targets(self) -> torch.Tensor:
         """Next-token targets ``[B, L]`` (0 at the last column)."""
@@ -88,11 +92,18 @@ def fixed_multimodal_batch(hf_config, seed: int = 0, dtype=torch.float32) -> Par
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    n_patches = sum(t * h * w for t, h, w in IMAGE_GRIDS)
-    pixel_values = torch.randn(n_patches, patch_dim, generator=gen).to(dtype)
-    return ParityBatch(input_ids, attention_mask, pixel_values, torch.tensor(IMAGE_GRIDS, dtype=torch.long),
-                       IMAGES_PER_ROW)
+    spec = pixel_spec(hf_config)
+    images = tuple(torch.randint(0, 256, (3, h * vision.patch_size, w * vision.patch_size), generator=gen,
+                                 dtype=torch.uint8) for _, h, w in IMAGE_GRIDS)
+    pixel_values, grid = patchify_all(list(images), spec)
+    return ParityBatch(input_ids, attention_mask, pixel_values.to(dtype), grid, IMAGES_PER_ROW, images)
+
+
+def pixel_spec(hf_config) -> PixelSpec:
+    """The Qwen2-VL processor's constants for ``hf_config``'s vision tower (default mean and std)."""
+    vision = hf_config.vision_config
+    return PixelSpec(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                     merge_size=vision.spatial_merge_size)
 
 
 def micro_batches(batch: ParityBatch) -> list[ParityBatch]:

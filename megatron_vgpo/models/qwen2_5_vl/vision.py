@@ -26,6 +26,8 @@ bf16 at the 32B size, ~2 MB per patch over 32 blocks, 11 GB for one 1-megapixel 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from megatron_vgpo.utils.deps import has
@@ -61,6 +63,26 @@ def image_features(tower: torch.nn.Module, pixel_values: torch.Tensor, image_gri
     """
     dtype = next(tower.parameters()).dtype
     return tower(pixel_values.to(dtype), grid_thw=image_grid_thw).pooler_output
+
+
+def distinct_image_grids(image_grid_thw: torch.Tensor, image_index: Sequence[int]) -> torch.Tensor:
+    """The grids of the distinct images: ``image_grid_thw [n_slots, 3]`` is per image slot of the batch,
+    ``image_index[k]`` the distinct image of slot ``k`` (0, 1, ... in order of first use). -> ``[n_distinct, 3]``"""
+    first = {}
+    for slot, image in enumerate(image_index):
+        first.setdefault(image, slot)
+    if sorted(first) != list(range(len(first))):
+        raise ValueError(f"image_index {list(image_index)} must number the distinct images 0..n-1")
+    return image_grid_thw[[first[j] for j in range(len(first))]]
+
+
+def features_per_slot(features: torch.Tensor, grid_thw: torch.Tensor, image_index: Sequence[int],
+                      merge_size: int) -> torch.Tensor:
+    """Merged features of the distinct images ``[N_distinct_tokens, d]`` -> one copy per image slot,
+    in slot order ``[N_slot_tokens, d]``: rows sharing an image reuse its one encoding (the gradient
+    of every use adds up in the shared features, exactly as if each had been encoded)."""
+    per_image = features.split((grid_thw.prod(-1) // merge_size ** 2).tolist())
+    return torch.cat([per_image[j] for j in image_index])
 
 
 def merge_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
