@@ -88,6 +88,19 @@ def test_gradients_match_hf(hf_model, world_of_one):
     assert all(ours[k].abs().max() > 0 for k in ours), "every tensor should receive a gradient"
 
 
+def test_the_chunk_is_built_on_the_training_device_in_the_params_dtype(world_of_one):
+    """``build_policy`` leaves nothing behind on the host or in another dtype: the HF vision tower is
+    built on the host and the local spec's torch norms in float32, so both are moved/cast (on a GPU a
+    forward would otherwise mix devices). The device here is ``meta``: every tensor must follow."""
+    hf_model = tiny_hf_model(tiny_hf_config())
+    chunk = build_policy(hf_model.config, ModelConfig(params_dtype="bfloat16"), world_of_one)[0]
+    assert {p.dtype for p in chunk.parameters()} == {torch.bfloat16}
+    meta = dataclasses.replace(world_of_one, device=torch.device("meta"))
+    chunk = build_policy(hf_model.config, ModelConfig(params_dtype="float32"), meta)[0]
+    assert {p.device.type for p in chunk.parameters()} == {"meta"}
+    assert {b.device.type for b in chunk.buffers()} == {"meta"}
+
+
 def test_freeze_vision(world_of_one):
     hf_model = tiny_hf_model(tiny_hf_config())
     chunk = build_policy(hf_model.config, dataclasses.replace(F32, freeze_vision=True), world_of_one)[0]

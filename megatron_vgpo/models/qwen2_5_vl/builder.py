@@ -69,6 +69,19 @@ def build_policy(hf_config, model_cfg, groups, **config_overrides) -> list:
     chunks = []
     for vp_stage in vp_stages:
         pre, post = groups.chunk_stages(vp_stage)
-        chunks.append(Qwen25VLChunk(hf_config, config, spec, arch, groups, pre, post, vp_stage,
-                                    freeze_vision=model_cfg.freeze_vision))
+        chunk = Qwen25VLChunk(hf_config, config, spec, arch, groups, pre, post, vp_stage,
+                              freeze_vision=model_cfg.freeze_vision)
+        chunks.append(on_device(chunk, groups.device, config.params_dtype))
     return chunks
+
+
+def on_device(chunk, device, params_dtype):
+    """The chunk on the training device with every floating-point parameter in ``params_dtype``, as
+    Megatron-LM's ``get_model`` (``.cuda()``) and ``Float16Module`` (``.bfloat16()``) leave a model: the
+    HF vision tower is built on the host, and the local spec's torch norms default to float32. Buffers
+    keep their dtype (rotary frequencies stay float32)."""
+    chunk.to(device)
+    for param in chunk.parameters():
+        if param.is_floating_point() and param.dtype != params_dtype:
+            param.data = param.data.to(params_dtype)
+    return chunk
