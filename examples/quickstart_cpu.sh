@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The files go where examples/configs/cpu_tiny.yaml names them when OUT is the default (outputs/), so
-# the tools that read that config (tools/bench_vgpo_overhead.py) run on them; another OUT is passed on
+# the tools that read that config (tools/bench_methods.py) run on them; another OUT is passed on
 # below. tests/examples/test_quickstart.py keeps the two in step.
 OUT=${OUT:-outputs}
 # Weights of std 0.1 (the tool's default is 0.02, like the real models' initializer_range): in a random

@@ -1,18 +1,20 @@
-"""The VGPO training loop, SPMD on every torchrun rank.
+"""The training loop, SPMD on every torchrun rank; the methods it runs are plug-ins (``methods/``).
 
 One step: rollout (prompts -> n responses each from the vLLM engine -> rewards -> DAPO dynamic
-sampling, refilling) -> the pi_old pass through the Megatron pipeline, whose last stage turns each
-micro-batch's hidden states into old log-probs and VGPO focus scores at once -> group advantages and
-VGPO shaping (per-trajectory sums gathered over data-parallel ranks) -> PPO mini-batch updates ->
-weight sync into the engine -> validation every k steps -> logging -> checkpoint.
+sampling, refilling) -> the pi_old pass through the Megatron pipeline (old log-probs and the
+methods' per-token statistics, computed on the last stage inside each micro-batch), plus one
+forward-only pass per extra image view the methods need -> group advantages and the configured
+shapers -> PPO mini-batch updates (with the configured loss terms) -> weight sync into the engine ->
+validation every k steps -> logging -> checkpoint.
 
 Who holds what: every rank holds the rollout batch's token ids and rewards (the engine's
 data-parallel groups generate shares and all-gather, rewards are graded on rank 0 and broadcast), so
 batch composition and mini-batches are computed identically everywhere; each data-parallel rank
-trains on its share of the groups, whole groups only, so group advantages are computed where the
-rows are; images are decoded only by the ranks that read them (the generating rollout group, the
-first pipeline stage of the training data-parallel rank); log-probs, focus scores, advantages and the
-loss live on the last pipeline stage, on the training device.
+trains on its share of the groups, whole groups only (asserted), so group advantages and every
+shaper's per-group reduction are computed where the rows are; images are decoded only by the ranks
+that read them (the generating rollout group, the first pipeline stage of the training
+data-parallel rank); log-probs, statistics, advantages and the loss live on the last pipeline stage,
+on the training device; logged metrics are reduced over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_vgpo.algorithms.advantages import compute_grpo_outcome_advantages
-from megatron_vgpo.algorithms.vgpo import combine_advantages, inter_trajectory_factor, trajectory_weights, vgpo_metrics
-from megatron_vgpo.training.actor import update_metrics
-from megatron_vgpo.training.experience import build_experience
-from megatron_vgpo.training.micro_batch import RowImages
+from megatron_vgpo.methods import Methods, ShapingInputs
+from megatron_vgpo.methods.views import view_row_images
 from megatron_vgpo.models.qwen2_5_vl.loading import expected_hf_shapes
+from megatron_vgpo.training.actor import update_metrics
+from megatron_vgpo.training.experience import Experience, build_experience
 from megatron_vgpo.training.format_warmup import format_warmup
 from megatron_vgpo.training.logging import StepTimer, flops_per_token, perf_metrics
 from megatron_vgpo.training.rollout import RolloutStep, Rollouts
@@ -40,8 +42,8 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Build with ``Trainer.from_config(cfg)`` (see ``training/build.py``); run with ``train()``."""
 
-    def __init__(self, cfg, groups, actor, rollouts: Rollouts, metrics_logger, checkpoints, val_set):
-        self.cfg, self.groups, self.actor, self.rollouts = cfg, groups, actor, rollouts
+    def __init__(self, cfg, groups, actor, rollouts: Rollouts, methods: Methods, metrics_logger, checkpoints, val_set):
+        self.cfg, self.groups, self.actor, self.rollouts, self.methods = cfg, groups, actor, rollouts, methods
         self.metrics_logger, self.checkpoints, self.val_set = metrics_logger, checkpoints, val_set
         self.step = 0
         self.last_metrics: dict = {}
@@ -65,7 +67,7 @@ class Trainer:
             timer = StepTimer()
             with timer("step"):
                 batch = timer.time("rollout", self.rollouts.sample, self.step, timer)
-                exp = timer.time("logprob", self.compute_logprobs_and_scores, batch)
+                exp = timer.time("logprob", self.compute_logprobs_and_statistics, batch, timer)
                 adv_metrics = timer.time("advantages", self.compute_advantages, batch, exp)
                 update_metrics = timer.time("update", self.update, batch, exp)
                 timer.time("weight_sync", self.rollouts.sync_weights)
@@ -80,48 +82,57 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the steps
 
-    def compute_logprobs_and_scores(self, batch: RolloutStep):
-        """This DP rank's rows -> Experience with old log-probs and focus scores (last stage)."""
+    def compute_logprobs_and_statistics(self, batch: RolloutStep, timer: StepTimer) -> Experience:
+        """This DP rank's rows -> Experience with old log-probs and the methods' statistics (last
+        stage): the pass over the original images, then one per extra view (``timing_s/extra_views``)."""
         rows, minibatches = batch.assignment(self.cfg.trainer.global_batch_size, self.groups.dp_rank,
                                              self.groups.dp_size)
         prompts = [batch.prompts[r] for r in rows]
-        images = RowImages.from_prompts(prompts, self.rollouts.pixel_spec, load_pixels=self.groups.is_first_stage)
+        views = self.methods.views()
+        images = self.view_images(views[0], prompts, rows)
         exp = build_experience(
             [p.input_ids for p in prompts], [batch.responses[r] for r in rows],
             [batch.response_logprobs[r] for r in rows], [batch.group_ids[r] for r in rows],
             [batch.rewards[r] for r in rows], images, pad_token_id=self.rollouts.pad_token_id,
             image_token_id=self.rollouts.image_token_id, device=self.groups.device)
         exp.rows, exp.minibatches = rows, minibatches
-        vgpo = self.cfg.algorithm.vgpo if self.cfg.algorithm.shaping == "vgpo" else None
-        exp.old_logprobs, exp.rho = self.actor.old_logprobs_and_scores(exp, vgpo)
+        exp.old_logprobs, exp.stats = self.actor.forward_statistics(exp, self.methods.statistics(views[0]))
+        for view in views[1:]:
+            with timer("extra_views"):
+                _, stats = self.actor.forward_statistics(exp, self.methods.statistics(view),
+                                                         self.view_images(view, prompts, rows), old_logprobs=False)
+                exp.stats.update(stats)
         return exp
 
-    def compute_advantages(self, batch: RolloutStep, exp) -> dict:
-        """GRPO outcome advantages over whole groups, then VGPO shaping (last stage only). A data-
-        parallel rank holds whole groups (``RolloutStep.assignment``), so both are computed locally."""
+    def view_images(self, view, prompts, rows):
+        """The rows' images under ``view``; pixels only where they are read (the first stage)."""
+        return view_row_images(view, prompts, rows, self.rollouts.pixel_spec, seed=self.cfg.trainer.seed,
+                               step=self.step, load_pixels=self.groups.is_first_stage)
+
+    def compute_advantages(self, batch: RolloutStep, exp: Experience) -> dict:
+        """Group outcome advantages, then the pi_old-phase shapers in order (last stage only). A data-
+        parallel rank holds whole groups, so both are computed locally; diagnostics are reduced over
+        data-parallel ranks."""
         alg = self.cfg.algorithm
+        exp.outcome = compute_grpo_outcome_advantages(exp.rewards, exp.group_ids, eps=alg.adv_eps,
+                                                      scale_by_std=alg.advantage_estimator == "grpo")
         if exp.old_logprobs is None:  # not the last stage: the loss never runs here
             exp.old_logprobs = exp.advantages = torch.zeros_like(exp.rollout_logprobs)
+            exp.loss_mask = exp.response_mask
             return {}
-        outcome = compute_grpo_outcome_advantages(exp.rewards, exp.group_ids, eps=alg.adv_eps,
-                                                  scale_by_std=alg.advantage_estimator == "grpo")
-        metrics = {}
-        if exp.rho is None:
-            exp.advantages = outcome.unsqueeze(-1) * exp.response_mask
-        else:
-            traj = trajectory_weights(exp.rho, exp.response_mask, exp.has_image, alg.vgpo)
-            phi = inter_trajectory_factor(traj.s, exp.has_image, exp.group_ids, alg.vgpo)
-            exp.advantages = combine_advantages(outcome, traj.psi, phi, exp.response_mask)
-            valid = exp.response_mask & exp.has_image.unsqueeze(-1)
-            metrics.update({f"vgpo/{k}": v for k, v in
-                            vgpo_metrics(exp.rho * valid, traj, phi, valid, exp.has_image).items()})
-        metrics.update(self.rollouts.mismatch_metrics(exp))
-        return metrics
+        result = self.methods.shape(ShapingInputs(
+            advantages=exp.outcome.unsqueeze(-1) * exp.response_mask, outcome=exp.outcome,
+            response_mask=exp.response_mask, loss_mask=exp.response_mask, group_ids=exp.group_ids,
+            has_image=exp.has_image, old_logprobs=exp.old_logprobs, stats=exp.stats, dp_group=self.groups.dp_group,
+            minibatches=exp.minibatches, micro_batch_size=self.cfg.trainer.micro_batch_size))
+        exp.advantages, exp.loss_mask = result.advantages, result.loss_mask
+        return {**result.metrics.reduce(self.groups.dp_group), **self.rollouts.mismatch_metrics(exp)}
 
-    def update(self, batch: RolloutStep, exp) -> dict:
+    def update(self, batch: RolloutStep, exp: Experience) -> dict:
         """PPO epochs over mini-batches of ``global_batch_size`` groups (each DP rank its share)."""
         alg = self.cfg.algorithm
-        stats = self.actor.update(exp, [rows for _ in range(alg.ppo_epochs) for rows in exp.minibatches], alg)
+        stats = self.actor.update(exp, [rows for _ in range(alg.ppo_epochs) for rows in exp.minibatches], alg,
+                                  self.methods, step=self.step, total_steps=self.cfg.trainer.total_steps)
         return update_metrics(stats, self.groups.dp_group)
 
     def validate(self) -> dict:

@@ -1,23 +1,25 @@
-"""VGPO's cost in the training loop: the same run with VGPO shaping on and off (plain DAPO).
+"""The cost of each method in the training loop: the same runs with every method of ``methods/`` and with
+plain DAPO, on the same batches.
 
-    python tools/bench_vgpo_overhead.py [--steps 12] [--skip 2] [--repeats 2] [--nproc 1]
-        [--config examples/configs/cpu_tiny.yaml] [key.sub=value ...]
+    python tools/bench_methods.py [--methods dapo vgpo entropy vppo papo] [--steps 12] [--skip 2]
+        [--repeats 2] [--nproc 1] [--config examples/configs/cpu_tiny.yaml] [key.sub=value ...]
 
-Runs ``python -m megatron_vgpo.train`` (under torchrun when ``--nproc`` > 1) ``2 x repeats`` times,
-alternating ``algorithm.shaping=vgpo`` and ``none`` (order vgpo, none, none, vgpo, ... so that a
-drift of the machine's speed cancels), each for ``--steps`` steps without validation or
-checkpoints, then reads ``timing_s/*`` back from the TensorBoard files and prints, over the steps
-after the first ``--skip`` of each run: the mean time of the step and of each phase (rollout, reward,
-log-prob pass, advantages and shaping, update, weight sync) per setting and the ratios VGPO / DAPO (target on the step:
-<= 1.02).
+Runs ``python -m megatron_vgpo.train`` (under torchrun when ``--nproc`` > 1) ``repeats`` times per method,
+the method order rotated and reversed from one repeat to the next (so that a drift of the machine's
+speed cancels), each for ``--steps`` steps without validation or checkpoints; then reads
+``timing_s/*`` back from the TensorBoard files and prints, over the steps after the first ``--skip``
+of each run, the mean time of the step and of each phase (rollout, reward, log-prob pass, extra
+image views, advantages, update, weight sync) per method and its ratio to DAPO's, with the target:
+a method with no extra view <= 1.02 x DAPO's step; with one extra view <= 1 + (one forward-only
+pass / step) + 0.02, the forward-only pass being DAPO's own ``timing_s/logprob`` (the pi_old pass
+over the same rows).
 
-Both settings see the same batches: the learning rate is set to 1e-12 by default, so the policy
-(and with the seeded sampler, every rollout) stays the same whatever the shaping; the only
-difference left is VGPO's work (hidden states kept for the last stage's focus scores, the scores,
-the shaping). Pass ``optimizer.lr=...`` to measure learning runs instead. The defaults need vLLM and
-the quickstart's files where ``examples/configs/cpu_tiny.yaml`` names them (``bash
-examples/quickstart_cpu.sh`` with its default ``OUT=outputs`` writes them there); the config is
-resolved and its files checked before the first run starts.
+Every method sees the same batches: the learning rate is set to 1e-12 by default, so the policy
+(and with the seeded sampler, every rollout) stays the same whatever the method; the only
+difference left is the method's own work. Pass ``optimizer.lr=...`` to measure learning runs
+instead. The defaults need vLLM and the quickstart's files where ``examples/configs/cpu_tiny.yaml``
+names them (``bash examples/quickstart_cpu.sh`` with its default ``OUT=outputs`` writes them there);
+the config is resolved and its files checked before the first run starts.
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("step", "rollout", "reward", "logprob", "advantages", "update", "weight_sync")  # timing_s/* read back
+PHASES = ("step", "rollout", "reward", "logprob", "extra_views", "advantages", "update", "weight_sync")  # timing_s/*
+METHODS = {  # name -> the overrides that select it (with the config's defaults for its section)
+    "dapo": ("algorithm.shapers=[]", "algorithm.loss_terms=[]"),
+    "vgpo": ("algorithm.shapers=[vgpo]", "algorithm.loss_terms=[]"),
+    "entropy": ("algorithm.shapers=[entropy]", "algorithm.loss_terms=[]"),
+    "vppo": ("algorithm.shapers=[vppo]", "algorithm.loss_terms=[]"),
+    "papo": ("algorithm.shapers=[]", "algorithm.loss_terms=[papo]"),
+}
+EXTRA_VIEWS = {"dapo": 0, "vgpo": 0, "entropy": 0, "vppo": 1, "papo": 1}
 
 
-def bench_overrides(args, shaping: str, out: Path) -> list[str]:
+def bench_overrides(args, method: str, out: Path) -> list[str]:
     """The trainer's overrides for one run (the user's come last and win)."""
-    return [f"algorithm.shaping={shaping}", f"trainer.total_steps={args.steps}", "trainer.val_interval=0",
+    return [*METHODS[method], f"trainer.total_steps={args.steps}", "trainer.val_interval=0",
             "trainer.val_before_train=false", f"checkpoint.save_dir={out / 'ckpt'}",
             "checkpoint.save_interval=0", f"logging.tensorboard_dir={out / 'runs'}",
             "logging.run_name=bench", "logging.progress_bar=false", "optimizer.lr=1e-12", *args.overrides]
@@ -50,7 +60,7 @@ def resolve(args, root: Path = REPO):
 
     config = Path(args.config) if Path(args.config).is_absolute() else root / args.config
     try:
-        cfg = load_config(str(config), bench_overrides(args, "vgpo", Path(tempfile.gettempdir())))
+        cfg = load_config(str(config), bench_overrides(args, "vppo", Path(tempfile.gettempdir())))
         validate(cfg, args.nproc)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
@@ -64,17 +74,17 @@ def resolve(args, root: Path = REPO):
     return cfg
 
 
-def run(args, shaping: str, out: Path) -> dict[str, list[float]]:
+def run(args, method: str, out: Path) -> dict[str, list[float]]:
     from megatron_vgpo.distributed.parallel import free_port
     from megatron_vgpo.training.logging import read_scalars
 
-    overrides = bench_overrides(args, shaping, out)
+    overrides = bench_overrides(args, method, out)
     launch = [sys.executable, "-m", "megatron_vgpo.train"]
     if args.nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
                   f"--master-port={free_port()}", "-m", "megatron_vgpo.train"]
     cmd = [*launch, "--config", args.config, *overrides]
-    print(f"[{shaping}] {' '.join(cmd)}", flush=True)
+    print(f"[{method}] {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -86,6 +96,8 @@ def run(args, shaping: str, out: Path) -> dict[str, list[float]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="examples/configs/cpu_tiny.yaml")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
+                   help="methods to time (DAPO, the reference, is always run)")
     p.add_argument("--steps", type=int, default=12, help="steps per run")
     p.add_argument("--skip", type=int, default=2, help="first steps of each run left out (warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="runs per setting")
@@ -94,24 +106,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps <= args.skip:
         p.error(f"--steps {args.steps} must exceed --skip {args.skip}")
+    args.methods = ["dapo", *[m for m in args.methods if m != "dapo"]]
     return args
+
+
+def run_order(methods: list[str], repeats: int) -> list[str]:
+    """Every method once per repeat, the order rotated by one and reversed every other repeat."""
+    order = []
+    for i in range(repeats):
+        rotated = methods[i % len(methods):] + methods[:i % len(methods)]
+        order += rotated[::-1] if i % 2 else rotated
+    return order
+
+
+def report(times: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The table: per method, mean seconds per phase and the ratio to DAPO; the step's target."""
+    mean = {m: {t: statistics.mean(v) for t, v in phases.items() if v} for m, phases in times.items()}
+    dapo = mean["dapo"]
+    forward_share = dapo["logprob"] / dapo["step"]
+    lines = [f"{'method':>8} " + " ".join(f"{t:>11}" for t in PHASES) + f" {'x DAPO':>7} {'target':>7} {'met':>4}"]
+    for method, phases in mean.items():
+        ratio = phases["step"] / dapo["step"]
+        target = 1.02 + EXTRA_VIEWS[method] * forward_share
+        cells = " ".join(f"{phases[t]:11.3f}" if t in phases else f"{'-':>11}" for t in PHASES)
+        lines.append(f"{method:>8} {cells} {ratio:7.3f} {target:7.3f} {'yes' if ratio <= target else 'NO':>4}")
+    lines.append(f"(one forward-only pass = DAPO's timing_s/logprob = {forward_share:.3f} of its step)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     resolve(args)
-    order = [s for i in range(args.repeats) for s in (("vgpo", "none") if i % 2 == 0 else ("none", "vgpo"))]
-    times: dict[str, dict[str, list[float]]] = {s: {tag: [] for tag in PHASES} for s in ("vgpo", "none")}
-    with tempfile.TemporaryDirectory(prefix="bench_vgpo_") as tmp:
-        for i, shaping in enumerate(order):
-            for tag, values in run(args, shaping, Path(tmp) / f"run{i}").items():
-                times[shaping][tag] += values
-    print(f"\n{len(times['vgpo']['step'])} steps per setting ({args.repeats} runs x {args.steps - args.skip}), "
-          f"{os.cpu_count()} CPUs, config {args.config} {' '.join(args.overrides)}")
-    print(f"{'':>10} {'VGPO s':>9} {'DAPO s':>9} {'ratio':>7}")
-    for tag in (t for t in PHASES if times["vgpo"][t] and times["none"][t]):
-        on, off = statistics.mean(times["vgpo"][tag]), statistics.mean(times["none"][tag])
-        print(f"{tag:>10} {on:9.3f} {off:9.3f} {on / off:7.3f}")
+    times: dict[str, dict[str, list[float]]] = {m: {tag: [] for tag in PHASES} for m in args.methods}
+    with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
+        for i, method in enumerate(run_order(args.methods, args.repeats)):
+            for tag, values in run(args, method, Path(tmp) / f"run{i}").items():
+                times[method][tag] += values
+    print(f"\n{len(times['dapo']['step'])} steps per method ({args.repeats} runs x {args.steps - args.skip}), "
+          f"{os.cpu_count()} CPUs, config {args.config} {' '.join(args.overrides)}; seconds")
+    print("\n".join(report(times)))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def dapo_policy_loss(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    pg_mask: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """DAPO clipped policy-gradient loss with token-level aggregation.
 
@@ -180,13 +181,15 @@ def dapo_policy_loss(
         kl_coef: weight of the KL term (0: the paper's setting, no KL).
         entropy: ``[B, L]`` per-token entropy of the current policy, for the bonus and the metric.
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        pg_mask: ``[B, L]`` bool, the response tokens that keep their policy-gradient term (a shaper's
+            token filter, e.g. VPPO's); the others still count in ``N`` and in the metrics. None: all.
 
     Returns:
         ``PolicyLossOutput`` (loss and metric sums; see its docstring).
     """
     _validate_loss_args(
         {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
-         "response_mask": response_mask, "ref_logprobs": ref_logprobs, "entropy": entropy},
+         "response_mask": response_mask, "ref_logprobs": ref_logprobs, "entropy": entropy, "pg_mask": pg_mask},
         clip_ratio_low, clip_ratio_high, clip_ratio_c, global_num_tokens,
     )
     mask = response_mask.bool()
@@ -194,10 +197,11 @@ def dapo_policy_loss(
     # Mask before exp so that nan/inf in padding can't leak into the loss or (via 0 * nan) the grad.
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), zero)
     ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
-    adv = torch.where(mask, advantages.detach().to(logprobs.dtype), zero)
+    pg = mask if pg_mask is None else mask & pg_mask.bool()
+    adv = torch.where(pg, advantages.detach().to(logprobs.dtype), zero)
     pg_losses, flags = _clipped_pg_losses(ratio, adv, clip_ratio_low, clip_ratio_high, clip_ratio_c)
 
-    total = pg_losses.sum()  # masked tokens have adv = 0, hence loss 0
+    total = pg_losses.sum()  # tokens outside pg have adv = 0, hence loss 0
     sums = {"pg_loss": total.detach(), "num_tokens": mask.sum().to(logprobs.dtype)}
     sums.update({k: (v & mask).sum().to(logprobs.dtype) for k, v in flags.items()})
     sums["ppo_kl"] = -log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).sum()

@@ -227,12 +227,20 @@ def trajectory_weights(rho: torch.Tensor, response_mask: torch.Tensor, has_image
     w_t = rho_t (1 + G_t beta c(x_t)) (eq. 5); w_hat = min-max of w over the response (eq. 7);
     psi_t = w_hat_t - mean(w_hat) (eq. 8; official: clamp(1 + psi, 0.1, 2) - 1);
     s = sum_t w_t (eq. 9; official: sum_t w_hat_t).
+
+    ``official`` with ``intra`` off follows the released code's inter-only path, where compensation
+    and the gate live inside the intra-trajectory branch: ``w = rho`` (no compensation, no gate) and
+    ``s`` sums the per-response min-max of rho.
     """
     valid = response_mask & has_image.unsqueeze(-1)
     rho = rho.float().masked_fill(~valid, 0.0)
     t, x = _positions(valid, config.variant)
-    gate = visual_gate(rho, valid, t, config)
-    w = rho * (1.0 + gate * config.beta * compensation_schedule(x, config).float())  # eq. 5
+    if config.variant == "official" and not config.intra:  # the released inter-only path
+        gate = torch.zeros_like(valid)
+        w = rho
+    else:
+        gate = visual_gate(rho, valid, t, config)
+        w = rho * (1.0 + gate * config.beta * compensation_schedule(x, config).float())  # eq. 5
     lo, hi = _masked_min(w, valid), _masked_max(w, valid)
     w_hat = ((w - lo.unsqueeze(-1)) / (hi - lo + config.eps).unsqueeze(-1)).masked_fill(~valid, 0.0)  # eq. 7
     psi = w_hat - _masked_mean(w_hat, valid).unsqueeze(-1)  # eq. 8
@@ -283,9 +291,11 @@ def combine_advantages(advantages: torch.Tensor, psi: torch.Tensor, phi: torch.T
                        response_mask: torch.Tensor) -> torch.Tensor:
     """A'_{i,t} = A_i (1 + psi_{i,t}) (1 + phi_i) on response tokens, 0 elsewhere (eq. 12).
 
-    advantages [B], psi [B, L], phi [B], response_mask [B, L] -> [B, L]
+    advantages [B] (outcome) or [B, L] (token-level, e.g. after another shaper), psi [B, L], phi [B],
+    response_mask [B, L] -> [B, L]
     """
-    shaped = advantages.float().unsqueeze(-1) * (1.0 + psi) * (1.0 + phi.unsqueeze(-1))
+    per_token = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1)
+    shaped = per_token * (1.0 + psi) * (1.0 + phi.unsqueeze(-1))
     return shaped.masked_fill(~response_mask, 0.0)
 
 
@@ -336,6 +346,23 @@ def late_early_ratio(rho: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     early = valid & (2 * t <= T)
     ratio = _masked_mean(rho, late) / _masked_mean(rho, early)
     return torch.where(T.squeeze(-1) >= 2, ratio, torch.full_like(ratio, float("nan")))
+
+
+def visual_token_fractions(rho: torch.Tensor, valid: torch.Tensor, top_fraction: float = 0.4
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released VGPO code's ``visual_token_percentage`` per response (METHODS_SPEC section 8):
+    mark the top ``top_fraction`` tokens of each response by rho (``k = max(1, floor(f T))``, the k-th
+    largest value as threshold, ties pass); ``f_early`` = marked tokens among the first ``floor(T / 2)``
+    / T, ``f_late`` = marked among the rest / T. rho [B, L], valid [B, L] bool -> ([B], [B]); rows
+    without a valid token give 0, 0. The logged ratio is ``mean(f_late) / (mean(f_early) + 1e-8)``."""
+    T = valid.sum(-1)
+    k = torch.floor(_round(top_fraction * T.to(torch.float64))).long().clamp(min=1)
+    ranked = rho.float().masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (k - 1).clamp(max=rho.shape[-1] - 1).unsqueeze(-1))
+    marked = valid & (rho.float() >= threshold)
+    early = valid & (valid.cumsum(-1) <= (T // 2).unsqueeze(-1))
+    count = T.clamp(min=1).to(torch.float32)
+    return (marked & early).sum(-1) / count, (marked & ~early).sum(-1) / count
 
 
 def vgpo_metrics(rho: torch.Tensor, traj: TrajectoryWeights, phi: torch.Tensor, valid: torch.Tensor,

@@ -23,6 +23,13 @@ class ConfigError(ValueError):
     """A config problem, always naming the dotted field it is about."""
 
 
+MIGRATIONS = {
+    "algorithm.shaping": "algorithm.shaping was replaced by algorithm.shapers (a list of registered shapers): "
+                         "'shaping: vgpo' is 'shapers: [vgpo]', 'shaping: none' is 'shapers: []'",
+}
+"""Removed keys -> how to say the same with the current config tree."""
+
+
 def _did_you_mean(key: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -92,6 +99,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in MIGRATIONS:
+            raise ConfigError(MIGRATIONS[path])
         if key not in fields:
             raise ConfigError(f"unknown key '{path}'{_did_you_mean(str(key), list(fields))}"
                               f" (valid keys of {prefix.rstrip('.') or 'the root'}: {', '.join(fields)})")
@@ -129,6 +138,8 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
         node, node_cls, path = data, cls, ""
         for i, key in enumerate(keys):
             fields = _fields(node_cls)
+            if f"{path}{key}" in MIGRATIONS:
+                raise ConfigError(MIGRATIONS[f"{path}{key}"])
             if key not in fields:
                 raise ConfigError(f"unknown key '{path}{key}' in override '{item}'{_did_you_mean(key, list(fields))}")
             tp = fields[key][1]

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megatron_vgpo.algorithms.vgpo import VGPOConfig
+from megatron_vgpo.methods.entropy import EntropyShapingConfig
+from megatron_vgpo.methods.papo import PAPOConfig
+from megatron_vgpo.methods.vppo import VPPOConfig
 
 
 def doc(default, help: str, **kw):
@@ -95,7 +98,8 @@ class DynamicSamplingConfig:
 class AlgorithmConfig:
     advantage_estimator: Literal["grpo", "drgrpo"] = doc(
         "grpo", "Outcome advantage: 'grpo' (r - mean) / (std + eps); 'drgrpo' r - mean (no std scaling).")
-    shaping: Literal["vgpo", "none"] = doc("vgpo", "Token-level advantage shaping: VGPO, or none (plain DAPO).")
+    shapers: list = doc(["vgpo"], "Advantage shapers applied in order (vgpo, entropy, vppo; methods/); [] is plain DAPO.")
+    loss_terms: list = doc([], "Extra policy-loss terms (papo; methods/); each term's section below configures it.")
     clip_ratio_low: float = doc(0.2, "PPO clip eps_low: ratio >= 1 - eps_low.")
     clip_ratio_high: float = doc(0.28, "PPO clip-higher eps_high: ratio <= 1 + eps_high.")
     clip_ratio_c: Optional[float] = doc(3.0, "Dual-clip bound c (> 1) for negative advantages; null disables it.")
@@ -104,10 +108,14 @@ class AlgorithmConfig:
     adv_eps: float = doc(1e-6, "eps in the GRPO std normalisation.")
     ppo_epochs: int = doc(1, "Passes over each rollout batch.")
     hidden_states_from: Literal["old", "current"] = doc(
-        "old", "VGPO hidden states from the pi_old log-prob pass, or the current policy per micro-batch.")
+        "old", "Shapers' statistics (VGPO's focus scores, entropy) from the pi_old pass, or the current policy "
+               "per update micro-batch (group-aligned micro-batches: micro_batch_size a multiple of rollout.n).")
     dynamic_sampling: DynamicSamplingConfig = sub(DynamicSamplingConfig, "DAPO dynamic sampling.")
     overlong: OverlongConfig = sub(OverlongConfig, "DAPO soft overlong penalty.")
     vgpo: VGPOConfig = sub(VGPOConfig, "VGPO shaping hyper-parameters (VGPO_SPEC.md).")
+    entropy: EntropyShapingConfig = sub(EntropyShapingConfig, "Entropy-based advantage shaping (METHODS_SPEC 1).")
+    vppo: VPPOConfig = sub(VPPOConfig, "VPPO: token filtering, trajectory scaling, entropy penalty (METHODS_SPEC 2).")
+    papo: PAPOConfig = sub(PAPOConfig, "PAPO's implicit perception loss (METHODS_SPEC 3).")
 
 
 @dataclass

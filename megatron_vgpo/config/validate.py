@@ -49,6 +49,16 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
              f"algorithm.clip_ratio_c={alg.clip_ratio_c} is invalid: the dual-clip bound must be > 1, or null")
     _require(alg.kl_coef >= 0 and alg.entropy_coef >= 0,
              f"algorithm.kl_coef={alg.kl_coef} / algorithm.entropy_coef={alg.entropy_coef}: must be >= 0")
+    try:
+        from megatron_vgpo.methods import build_methods
+
+        methods = build_methods(alg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(not methods.current_shapers or cfg.trainer.micro_batch_size % ro.n == 0,
+             f"algorithm.hidden_states_from=current needs group-aligned update micro-batches (a shaper's "
+             f"per-group factor sees the whole group): trainer.micro_batch_size={cfg.trainer.micro_batch_size} "
+             f"must be a multiple of rollout.n={ro.n}")
     _require(ro.n >= 2, f"rollout.n={ro.n} is invalid: group-relative advantages need >= 2 responses per prompt")
     _require(ro.sampling.temperature >= 0, f"rollout.sampling.temperature={ro.sampling.temperature}: must be >= 0")
     _require(0 < ro.sampling.top_p <= 1, f"rollout.sampling.top_p={ro.sampling.top_p}: must be in (0, 1]")

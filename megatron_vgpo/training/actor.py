@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_vgpo.algorithms.dapo import dapo_policy_loss, finalize_policy_metrics, sum_metric_sums
-from megatron_vgpo.algorithms.vgpo import VGPOConfig, visual_focus_scores
+from megatron_vgpo.methods import LossInputs, Methods, MetricSums, ShapingInputs, TokenStatistic, apply_shapers
 from megatron_vgpo.models.qwen2_5_vl.pipeline import run_pipeline
 from megatron_vgpo.training.experience import Experience, scatter_rows, token_aligned
 from megatron_vgpo.training.micro_batch import MicroBatch, MicroBatches
@@ -73,19 +74,21 @@ def schedule_increments(num_minibatches: int, steps_per_rl_step: int) -> list[in
 
 @dataclass
 class OptimizerStepStats:
-    """One optimizer step of an update. ``loss_sums``: the policy loss's metric numerators and token
-    count summed over the mini-batch's micro-batches (``dapo_policy_loss`` ``metric_sums``), device
-    tensors on the last pipeline stage, empty elsewhere; turned into means where they are logged."""
+    """One optimizer step of an update. ``loss_sums``: the policy loss's (and loss terms') metric
+    numerators and the token count, summed over the mini-batch's micro-batches, device tensors on the
+    last pipeline stage, empty elsewhere; turned into token means where they are logged."""
 
     grad_norm: float
     lr: float
-    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # qualified names ("actor/pg_loss") + num_tokens
+    shaping: MetricSums = field(default_factory=MetricSums)  # current-policy shapers' diagnostics
 
 
 def update_metrics(stats: list[OptimizerStepStats], dp_group=None) -> dict[str, float]:
-    """``actor/*`` metrics of an update: grad norm and LR averaged over its optimizer steps, and the
-    policy-loss metrics as exact token means over every step's tokens on every data-parallel rank
-    (the sums are all-reduced over ``dp_group``, which holds ranks of one pipeline stage only)."""
+    """Metrics of an update: grad norm and LR averaged over its optimizer steps; the policy loss's and
+    the loss terms' metrics as exact token means over every step's tokens on every data-parallel rank
+    (sums all-reduced over ``dp_group``, which holds ranks of one pipeline stage only); the
+    current-policy shapers' diagnostics, reduced likewise."""
     import torch.distributed as dist
 
     if not stats:
@@ -95,11 +98,15 @@ def update_metrics(stats: list[OptimizerStepStats], dp_group=None) -> dict[str, 
     sums = sum_metric_sums(s.loss_sums for s in stats)
     if sums:
         keys = sorted(sums)
-        packed = torch.stack([sums[k].float() for k in keys])
+        packed = torch.stack([sums[k].double() for k in keys])
         if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(packed, group=dp_group)
-        totals = dict(zip(keys, packed.tolist()))
-        out.update({f"actor/{k}": v for k, v in finalize_policy_metrics(totals).items()})
+        out.update(finalize_policy_metrics(dict(zip(keys, packed.tolist()))))
+    shaping = MetricSums()
+    for s in stats:
+        shaping.update(s.shaping)
+    if shaping.sums or shaping.extrema:
+        out.update(shaping.reduce(dp_group))
     return out
 
 
@@ -144,48 +151,74 @@ class Actor:
                 self.offload()
 
     @torch.no_grad()
-    def old_logprobs_and_scores(self, exp: Experience, vgpo: VGPOConfig | None) -> tuple:
-        """The pi_old pass over all rows: ``(old_logprobs [B, L], rho [B, L] or None)`` on the last
-        pipeline stage, on the device; ``(None, None)`` elsewhere."""
+    def forward_statistics(self, exp: Experience, statistics: Sequence[TokenStatistic] = (), images=None,
+                           old_logprobs: bool = True) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """One forward-only pass over all rows (with ``images``, an image view's ``RowImages``, instead of
+        the experience's own): ``(old log-probs [B, L] or None, {statistic key: [B, L]})`` on the last
+        pipeline stage, on the device; ``(None, {})`` elsewhere. Hidden states and logits stay inside
+        each micro-batch."""
+        hidden = any(s.needs_hidden_states for s in statistics)
+        entropy = any(s.needs_entropy for s in statistics)
+
         def loss_fn(batch: MicroBatch, out):
-            rho = None
-            if vgpo is not None:
-                rho = visual_focus_scores(out.hidden_states, batch.image_mask, batch.response_mask,
-                                          vgpo.variant, vgpo.eps)
-            extras = {"rows": batch.rows, "logprobs": token_aligned(out.logprobs).float(), "rho": rho}
-            device = out.logprobs.device
-            return out.logprobs.new_zeros(()), torch.ones((), dtype=torch.int, device=device), extras
+            extras = {"rows": batch.rows, **{s.key: s.compute(batch, out) for s in statistics}}
+            if old_logprobs:
+                extras["logprobs"] = token_aligned(out.logprobs).float()
+            return out.logprobs.new_zeros(()), torch.ones((), dtype=torch.int, device=out.logprobs.device), extras
 
         for m in self.model:
             m.eval()
-        batches = MicroBatches(exp, range(len(exp)), self.micro_batch_size)
-        extras = run_pipeline(self.model, batches, loss_fn, forward_only=True, return_hidden_states=vgpo is not None,
-                              device=self.device)
+        batches = MicroBatches(exp, range(len(exp)), self.micro_batch_size, images=images)
+        extras = run_pipeline(self.model, batches, loss_fn, forward_only=True, compute_entropy=entropy,
+                              return_hidden_states=hidden, device=self.device)
         if not self.groups.is_last_stage:
-            return None, None
+            return None, {}
         width = exp.input_ids.shape[1]
-        logprobs = scatter_rows([(e["rows"], e["logprobs"]) for e in extras], len(exp), width)
-        rho = scatter_rows([(e["rows"], e["rho"]) for e in extras], len(exp), width) if vgpo is not None else None
-        return logprobs, rho
+        keys = [s.key for s in statistics] + (["logprobs"] if old_logprobs else [])
+        out = {k: scatter_rows([(e["rows"], e[k]) for e in extras], len(exp), width) for k in keys}
+        return out.pop("logprobs", None), out
 
-    def update(self, exp: Experience, minibatch_rows: list[list[int]], alg, lr: float | None = None,
+    def update(self, exp: Experience, minibatch_rows: list[list[int]], alg, methods: Optional[Methods] = None,
+               step: int = 0, total_steps: int = 1, lr: float | None = None,
                schedule: bool = True) -> list[OptimizerStepStats]:
-        """One optimizer step per mini-batch of local rows. ``lr`` overrides the learning rate of these
-        steps; ``schedule=False`` leaves the LR schedule where it is (format warm-up). The optimizer
-        state is on the device for the update and offloaded after it (when configured)."""
+        """One optimizer step per mini-batch of local rows. ``methods``: the current-policy shapers and
+        the loss terms to apply (``methods/``); ``step``/``total_steps``: the trainer step, for loss
+        terms that anneal. ``lr`` overrides the learning rate of these steps; ``schedule=False`` leaves
+        the LR schedule where it is (format warm-up). The optimizer state is on the device for the
+        update and offloaded after it (when configured)."""
         for m in self.model:
             m.train()
-        compute_entropy = alg.entropy_coef > 0
+        current = methods.current_shapers if methods is not None else []
+        current_stats = methods.current_statistics() if methods is not None else []
+        terms = methods.loss_terms if methods is not None else []
+        compute_entropy = alg.entropy_coef > 0 or (methods is not None and methods.update_needs_entropy)
+        hidden = methods is not None and methods.update_needs_hidden_states
+        # The statistics exist (and the loss runs) on the last pipeline stage only.
+        stat_keys = methods.loss_statistic_keys() if methods is not None and self.groups.is_last_stage else []
 
         def loss_fn(batch: MicroBatch, out):
             mask = batch.response_mask
+            logprobs = token_aligned(out.logprobs)
             entropy = token_aligned(out.entropy) if out.entropy is not None else None
+            advantages, pg_mask, shaping = batch.advantages, batch.loss_mask, None
+            if current:  # group-aligned micro-batches: whole groups (validated)
+                result = apply_shapers(current, ShapingInputs(
+                    advantages, batch.outcome, mask, pg_mask, batch.group_ids, batch.image_mask.any(-1),
+                    batch.old_logprobs, {s.key: s.compute(batch, out) for s in current_stats}))
+                advantages, pg_mask, shaping = result.advantages, result.loss_mask, result.metrics
             result = dapo_policy_loss(
-                token_aligned(out.logprobs), batch.old_logprobs, batch.advantages, mask,
+                logprobs, batch.old_logprobs, advantages, mask,
                 global_num_tokens=1.0,  # a SUM: finalize_model_grads divides by the global token count
                 clip_ratio_low=alg.clip_ratio_low, clip_ratio_high=alg.clip_ratio_high,
-                clip_ratio_c=alg.clip_ratio_c, entropy=entropy, entropy_coef=alg.entropy_coef)
-            return result.loss, mask.sum().to(torch.int), result.metric_sums
+                clip_ratio_c=alg.clip_ratio_c, entropy=entropy, entropy_coef=alg.entropy_coef, pg_mask=pg_mask)
+            loss = result.loss
+            sums = {(k if k == "num_tokens" else f"actor/{k}"): v for k, v in result.metric_sums.items()}
+            for term in terms:
+                term_sum, term_metrics = term.loss_sum(LossInputs(logprobs, entropy, mask, batch.stats, step,
+                                                                  total_steps))
+                loss = loss + term_sum
+                sums.update({f"{term.name}/{k}": v for k, v in term_metrics.items()})
+            return loss, mask.sum().to(torch.int), {"sums": sums, "shaping": shaping}
 
         self.onload()
         if lr is None:
@@ -199,13 +232,18 @@ class Actor:
             if lr is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            batches = MicroBatches(exp, rows, self.micro_batch_size, loss_inputs=True)
+            batches = MicroBatches(exp, rows, self.micro_batch_size, loss_inputs=True, stat_keys=stat_keys)
             extras = run_pipeline(self.model, batches, loss_fn, compute_entropy=compute_entropy,
-                                  return_hidden_states=False, device=self.device)
+                                  return_hidden_states=hidden, device=self.device)
             step_lr = self.optimizer.param_groups[0]["lr"]
             _, grad_norm, _ = self.optimizer.step()
             if schedule:
                 self.scheduler.step(increment=increment)
-            steps.append(OptimizerStepStats(float(grad_norm or 0.0), step_lr, sum_metric_sums(extras)))
+            shaping = MetricSums()
+            for e in extras:
+                if e["shaping"] is not None:
+                    shaping.update(e["shaping"])
+            steps.append(OptimizerStepStats(float(grad_norm or 0.0), step_lr, sum_metric_sums(e["sums"] for e in extras),
+                                            shaping))
         self.offload()
         return steps

@@ -25,6 +25,7 @@ def build_trainer(trainer_cls, cfg, engine=None):
 
     from megatron_vgpo.config import dump_yaml
     from megatron_vgpo.data import build_train_loader, build_val_dataset, processor_size_overrides
+    from megatron_vgpo.methods import build_methods
     from megatron_vgpo.distributed.parallel import init_parallel
     from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
     from megatron_vgpo.checkpoint.model_io import load_model_checkpoint
@@ -39,9 +40,6 @@ def build_trainer(trainer_cls, cfg, engine=None):
     from megatron_vgpo.training.logging import MetricsLogger
     from megatron_vgpo.training.rollout import Rollouts
 
-    if cfg.algorithm.hidden_states_from != "old":
-        raise ValueError(f"algorithm.hidden_states_from={cfg.algorithm.hidden_states_from!r} is not implemented "
-                         "yet: VGPO scores come from the pi_old log-prob pass ('old')")
     if cfg.algorithm.kl_coef > 0:
         raise ValueError(f"algorithm.kl_coef={cfg.algorithm.kl_coef} needs a reference policy, which the trainer "
                          "does not keep yet; the paper (and DAPO) train without a KL term: set it to 0")
@@ -74,4 +72,5 @@ def build_trainer(trainer_cls, cfg, engine=None):
     rollouts.sync_weights()
     metrics_logger = MetricsLogger(cfg.logging, rank, dump_yaml(cfg), total_steps=cfg.trainer.total_steps)
     checkpoints = CheckpointManager(cfg.checkpoint, rank, world, dp_group=groups.dp_group)
-    return trainer_cls(cfg, groups, actor, rollouts, metrics_logger, checkpoints, val_set)
+    return trainer_cls(cfg, groups, actor, rollouts, build_methods(cfg.algorithm), metrics_logger, checkpoints,
+                       val_set)

@@ -49,8 +49,10 @@ class Experience:
     rows: list[int] = field(default_factory=list)  # global row ids in the step's RolloutStep
     minibatches: list[list[int]] = field(default_factory=list)  # per PPO mini-batch: positions in this experience
     old_logprobs: Optional[torch.Tensor] = None  # [B, L], from the pi_old pass
-    rho: Optional[torch.Tensor] = None  # [B, L], VGPO focus scores from the same pass
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # the methods' pi_old statistics, [B, L] by key
+    outcome: Optional[torch.Tensor] = None  # [B] outcome (group) advantages
     advantages: Optional[torch.Tensor] = None  # [B, L], token-level (shaped) advantages
+    loss_mask: Optional[torch.Tensor] = None  # [B, L] bool, tokens that keep a policy-gradient term
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

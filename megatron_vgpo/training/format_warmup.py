@@ -71,9 +71,10 @@ def format_warmup(actor, rollouts, cfg, groups, log) -> None:
             [ex.input_ids for ex in mine], [targets[i] for i in ids], [[0.0] * len(targets[i]) for i in ids], ids,
             [0.0] * len(ids), images, pad_token_id=rollouts.pad_token_id, image_token_id=rollouts.image_token_id,
             device=groups.device)
-        old, _ = actor.old_logprobs_and_scores(exp, None)
+        old, _ = actor.forward_statistics(exp)
         exp.old_logprobs = old if old is not None else torch.zeros_like(exp.rollout_logprobs)
-        exp.advantages = exp.response_mask.float()
+        exp.advantages, exp.loss_mask = exp.response_mask.float(), exp.response_mask
+        exp.outcome = torch.ones_like(exp.rewards)
         stats = actor.update(exp, [list(range(len(exp)))], cfg.algorithm, lr=wcfg.lr, schedule=False)[0]
         out = {"warmup/grad_norm": stats.grad_norm}
         if old is not None:

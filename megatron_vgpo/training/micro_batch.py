@@ -21,7 +21,7 @@ image tensor and its vision-tower encoding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -110,16 +110,23 @@ class MicroBatch:
     image_grid_thw: Optional[torch.Tensor] = None  # [n_slots, 3], every stage (M-RoPE positions)
     vision: Optional[VisionInputs] = None  # pixels, first stage only
     target_ids: Optional[torch.Tensor] = None  # [b, w]; None: input_ids shifted left
-    old_logprobs: Optional[torch.Tensor] = None  # [b, w] loss input: pi_old log-probs
-    advantages: Optional[torch.Tensor] = None  # [b, w] loss input: token-level advantages
+    # Loss inputs (the update pass):
+    old_logprobs: Optional[torch.Tensor] = None  # [b, w] pi_old log-probs
+    advantages: Optional[torch.Tensor] = None  # [b, w] token-level advantages
+    loss_mask: Optional[torch.Tensor] = None  # [b, w] bool, tokens that keep a policy-gradient term
+    outcome: Optional[torch.Tensor] = None  # [b] outcome advantages (current-policy shapers)
+    group_ids: Optional[torch.Tensor] = None  # [b] (current-policy shapers: whole groups per micro-batch)
+    stats: dict = field(default_factory=dict)  # statistic key -> [b, w], the loss terms' pi_old statistics
 
     def to(self, device: torch.device) -> "MicroBatch":
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (torch.Tensor, VisionInputs)):
-                moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) \
-                    else value.to(device)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = value.to(device, non_blocking=True)
+            elif isinstance(value, VisionInputs):
+                moved[f.name] = value.to(device)
+        moved["stats"] = {k: v.to(device, non_blocking=True) for k, v in self.stats.items()}
         return replace(self, **moved)
 
     def model_inputs(self) -> dict:
@@ -133,16 +140,19 @@ class MicroBatch:
     def device_tensors(self) -> list[torch.Tensor]:
         """Every tensor of the micro-batch (tests check where they live)."""
         out = [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)]
-        return out + (list(self.vision.images) if self.vision is not None else [])
+        return out + list(self.stats.values()) + (list(self.vision.images) if self.vision is not None else [])
 
 
 class MicroBatches(Sequence[MicroBatch]):
     """The micro-batches of ``rows`` (positions in ``exp``), ``micro_batch_size`` rows each, built one
-    at a time as they are read; re-iterable. ``loss_inputs``: carry ``old_logprobs`` and
-    ``advantages`` (the update pass)."""
+    at a time as they are read; re-iterable. ``loss_inputs``: carry the loss inputs (the update pass),
+    with the pi_old statistics named in ``stat_keys``. ``images``: another view's ``RowImages`` instead
+    of the experience's own (an extra forward pass over perturbed images)."""
 
-    def __init__(self, exp: "Experience", rows: Sequence[int], micro_batch_size: int, loss_inputs: bool = False):
+    def __init__(self, exp: "Experience", rows: Sequence[int], micro_batch_size: int, loss_inputs: bool = False,
+                 stat_keys: Sequence[str] = (), images: Optional[RowImages] = None):
         self.exp, self.rows, self.size, self.loss_inputs = exp, list(rows), micro_batch_size, loss_inputs
+        self.stat_keys, self.images = list(stat_keys), images if images is not None else exp.images
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.size)
@@ -157,10 +167,12 @@ class MicroBatches(Sequence[MicroBatch]):
         rows = self.rows[i * self.size:(i + 1) * self.size]
         width = max(exp.lengths[r] for r in rows)
         idx = torch.tensor(rows, dtype=torch.long, device=exp.input_ids.device)
-        grid, vision = exp.images.select(rows)
+        grid, vision = self.images.select(rows)
         loss = {}
         if self.loss_inputs:
-            loss = dict(old_logprobs=exp.old_logprobs[idx, :width], advantages=exp.advantages[idx, :width])
+            loss = dict(old_logprobs=exp.old_logprobs[idx, :width], advantages=exp.advantages[idx, :width],
+                        loss_mask=exp.loss_mask[idx, :width], outcome=exp.outcome[idx], group_ids=exp.group_ids[idx],
+                        stats={k: exp.stats[k][idx, :width] for k in self.stat_keys})
         return MicroBatch(rows=idx, input_ids=exp.input_ids[idx, :width],
                           attention_mask=exp.attention_mask[idx, :width].long(),
                           response_mask=exp.response_mask[idx, :width], image_mask=exp.image_mask[idx, :width],

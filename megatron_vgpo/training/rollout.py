@@ -17,6 +17,7 @@ Colocation (engine and trainer share the devices), one step::
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,11 @@ class RolloutStep:
             mine = self.rows_of(share_groups(self.group_order[start:start + global_batch_size], dp_rank, dp_size))
             minibatches.append(list(range(len(rows), len(rows) + len(mine))))
             rows += mine
+        # The contract the advantage computation and every shaper rely on: groups are data-parallel-local.
+        local, total = Counter(self.group_ids[r] for r in rows), Counter(self.group_ids)
+        split = [g for g, n in local.items() if n != total[g]]
+        if split:
+            raise AssertionError(f"groups {split[:5]} are split over data-parallel ranks")
         return rows, minibatches
 
 

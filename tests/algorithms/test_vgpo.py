@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_vgpo.algorithms.vgpo import (
+    visual_token_fractions,
     VGPOConfig,
     combine_advantages,
     inter_trajectory_factor,
@@ -151,6 +152,45 @@ def test_official_variant_by_hand():
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(1 + out.phi[:2], T([1.5, 0.9]), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.advantages[1, 2:4], T([-0.5 * 0.5 * 0.9, -0.5 * 1.5 * 0.9]), atol=1e-6, rtol=0)
+
+
+def test_official_inter_only_follows_the_released_code():
+    """intra off, variant official: the released code (verl/workers/actor/dp_actor.py, update_policy)
+    has compensation and the gate inside its intra-trajectory branch only; its inter block then sums a
+    per-row min-max of the raw (micro-batch min-maxed) score. Worked by hand from that logic:
+      r0 rho [0.2, 0.4, 0.6, 0.9] -> min-max [0, 2/7, 4/7, 1]      -> s = 13/7 = 1.857142857
+      r1 rho [0.9, 0.2, 0.5, 0.3] -> min-max [1, 0, 3/7, 1/7]      -> s = 11/7 = 1.571428571
+      r2 rho [0.5, 0.5, 0.2, 0.8] -> min-max [0.5, 0.5, 0, 1]      -> s = 2
+      s_hat = (s - 11/7) / (2 - 11/7) = [2/3, 0, 1], mean 5/9 -> 1 + phi = [1.1111, 0.4444 -> 0.9, 1.4444]
+    With compensation (the old path, or intra on) the gated tail tokens change the sums (r1 and r2 swap
+    order), so this case tells the two apart."""
+    rows = [[0.2, 0.4, 0.6, 0.9], [0.9, 0.2, 0.5, 0.3], [0.5, 0.5, 0.2, 0.8]]
+    rho, mask = T(rows), torch.ones(3, 4, dtype=B_)
+    has_image, gid, adv = T([True, True, True]), T([3, 3, 3]), T([1.0, -1.0, 0.5])
+    cfg = VGPOConfig(variant="official", intra=False)
+    tw = trajectory_weights(rho, mask, has_image, cfg)
+    torch.testing.assert_close(tw.s, T([13 / 7, 11 / 7, 2.0]), atol=1e-6, rtol=0)
+    assert not tw.gate.any() and (tw.psi == 0).all() and torch.equal(tw.w, rho)
+    out = shape_advantages(rho, mask, has_image, adv, gid, cfg)
+    torch.testing.assert_close(1 + out.phi, T([10 / 9, 0.9, 13 / 9]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.advantages, T([[10 / 9] * 4, [-0.9] * 4, [0.5 * 13 / 9] * 4]), atol=1e-6, rtol=0)
+    compensated = trajectory_weights(rho, mask, has_image, VGPOConfig(variant="official", intra=True))
+    assert compensated.s[1] > compensated.s[0]  # the other path orders r0 and r1 the other way
+
+
+def test_visual_token_fractions_as_the_released_code_logs_them():
+    """visual_token_percentage_{first,second}_half of the released dp_actor.py, by hand:
+    row 0, T = 5, rho [0.9, 0.1, 0.5, 0.8, 0.2]: k = max(1, int(0.4 * 5)) = 2, threshold 0.8 ->
+      marked [1, 0, 0, 1, 0]; first floor(5 / 2) = 2 tokens hold 1 -> 0.2, the rest 1 -> 0.2.
+    row 1, T = 4, rho [0.3, 0.3, 0.3, 0.1] (+ padding): k = 1, threshold 0.3, ties pass ->
+      marked [1, 1, 1, 0]; first 2 hold 2 -> 0.5, the rest 1 -> 0.25.
+    ratio = mean(late) / mean(early) = 0.225 / 0.35 = 0.642857..."""
+    rho = T([[0.9, 0.1, 0.5, 0.8, 0.2], [0.3, 0.3, 0.3, 0.1, 0.99]])
+    valid = T([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=B_)
+    early, late = visual_token_fractions(rho, valid)
+    torch.testing.assert_close(early, T([0.2, 0.5]))
+    torch.testing.assert_close(late, T([0.2, 0.25]))
+    assert float(late.mean() / early.mean()) == pytest.approx(0.225 / 0.35)
 
 
 def test_official_clamps():

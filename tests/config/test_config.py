@@ -83,6 +83,12 @@ def test_every_field_is_overridable(path, tp, default):
         overrides[0] = f"{path}=1024"
     if path == "optimizer.min_lr":
         overrides[0] = f"{path}=1e-7"
+    if path == "algorithm.hidden_states_from":
+        overrides.append("trainer.micro_batch_size=8")  # group-aligned micro-batches (rollout.n = 8)
+    if path == "algorithm.shapers":
+        overrides[0] = f"{path}=[entropy]"
+    if path == "algorithm.loss_terms":
+        overrides[0] = f"{path}=[papo]"
     cfg = load_config(None, overrides)
     got = cfg
     for key in path.split("."):

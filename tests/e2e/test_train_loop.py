@@ -1,7 +1,9 @@
-"""The whole VGPO loop for a few steps under torchrun: TP2 x PP2 on 4 CPU processes with vLLM rollouts.
+"""The whole loop for a few steps under torchrun: TP2 x PP2 on 4 CPU processes with vLLM rollouts.
 
 Asserts finite losses, a weight sync into the engine every step, a complete checkpoint named by
-``latest``, and the TensorBoard scalars read back from the event files.
+``latest``, and the TensorBoard scalars read back from the event files; for VGPO (the default), and
+for the other methods of ``methods/``: entropy shaping with PAPO's loss term, and VPPO with VGPO on
+the current policy (group-aligned micro-batches), each with its diagnostics and its extra view's time.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def test_tp2_pp2_loop_with_vllm(tiny_run):
                 "response_length/mean", "response_length/max", "response_length/clip_ratio",
                 "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "batch/kept_groups",
                 "vgpo/rho_mean", "vgpo/late_early_ratio", "vgpo/gate_fraction", "vgpo/psi_std", "vgpo/phi_std",
+                "focus/rho_mean", "focus/late_early_ratio",
                 "timing_s/rollout", "timing_s/reward", "timing_s/logprob", "timing_s/update",
                 "timing_s/weight_sync", "timing_s/step", "perf/tokens_per_s", "val/accuracy"):
         assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
@@ -72,3 +75,28 @@ def test_tp2_pp2_loop_with_vllm(tiny_run):
     assert (root / "ckpt" / "latest").read_text().strip() == "step_00000002"
     assert (root / "ckpt" / "step_00000002" / "complete.json").exists()
     assert (root / "runs" / "cpu_tiny" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("overrides, tags", [
+    (("algorithm.shapers=[entropy]", "algorithm.loss_terms=[papo]"),
+     ("entropy/token_entropy", "entropy/bonus", "papo/kl", "papo/entropy", "papo/entropy_aug", "timing_s/extra_views")),
+    (("algorithm.shapers=[vppo, vgpo]", "algorithm.hidden_states_from=current"),
+     ("vppo/kept_fraction", "vppo/alpha_min", "vppo/alpha_max", "vppo/sample_entropy", "vgpo/rho_mean",
+      "vgpo/phi_std", "timing_s/extra_views")),
+], ids=["entropy+papo", "vppo+vgpo_current"])
+def test_tp2_pp2_loop_with_other_methods(tiny_run, tmp_path, overrides, tags):
+    from megatron_vgpo.training.logging import read_scalars
+
+    root, model = tiny_run
+    run = tmp_path / "run"
+    proc = _train(root, model, 4, "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                  f"checkpoint.save_dir={run / 'ckpt'}", f"logging.tensorboard_dir={run / 'runs'}",
+                  "trainer.format_warmup.steps=0", "trainer.val_interval=0", *overrides)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    scalars = read_scalars(run / "runs" / "cpu_tiny")
+    for tag in tags:
+        assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
+        assert all(math.isfinite(v) for _, v in scalars[tag]), (tag, scalars[tag])
+    assert [step for step, _ in scalars["actor/pg_loss"]] == [1, 2]
+    assert all(math.isfinite(v) for _, v in scalars["actor/pg_loss"] + scalars["actor/grad_norm"])
+    assert all(v < 1e-3 for _, v in scalars["rollout/logprob_diff_max"])

@@ -1,7 +1,7 @@
 """``examples/quickstart_cpu.sh`` writes its files where ``examples/configs/cpu_tiny.yaml`` reads them.
 
 One source of truth for the quickstart's paths: with the default ``OUT`` the trainer's path overrides
-are exactly the config's values, so a tool that reads the config alone (``tools/bench_vgpo_overhead.py``)
+are exactly the config's values, so a tool that reads the config alone (``tools/bench_methods.py``)
 finds the quickstart's files. The script runs for real under bash, with a fake ``python`` (see
 ``quickstart_fakes``); no model is built and nothing trains.
 """

@@ -1,4 +1,4 @@
-"""``tools/bench_vgpo_overhead.py``: argument parsing and config resolution, on the layout the quickstart
+"""``tools/bench_methods.py``: argument parsing, config resolution and the report, on the layout the quickstart
 writes (``examples/quickstart_cpu.sh`` run with a fake ``python``, see ``tests/examples/quickstart_fakes``).
 Nothing trains: the runs themselves need vLLM and minutes per step.
 """
@@ -14,7 +14,7 @@ from tests.examples.quickstart_fakes import REPO, run_quickstart
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vgpo_overhead", REPO / "tools" / "bench_vgpo_overhead.py")
+    spec = importlib.util.spec_from_file_location("bench_methods", REPO / "tools" / "bench_methods.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,8 +34,23 @@ def test_defaults_resolve_on_the_quickstart_files(bench, quickstart_root):
     cfg = bench.resolve(args, root=quickstart_root)
     assert cfg.model.hf_path == "outputs/tiny-qwen25vl"
     assert cfg.data.train_files == ["outputs/synthetic_quickstart/train.parquet"]
-    assert (cfg.algorithm.shaping, cfg.trainer.total_steps, cfg.trainer.val_interval, cfg.optimizer.lr) == (
-        "vgpo", 12, 0, 1e-12)
+    assert (cfg.algorithm.shapers, cfg.trainer.total_steps, cfg.trainer.val_interval, cfg.optimizer.lr) == (
+        ["vppo"], 12, 0, 1e-12)
+    assert args.methods == ["dapo", "vgpo", "entropy", "vppo", "papo"]
+
+
+def test_methods_order_and_report(bench):
+    """DAPO always runs first in the list; the order rotates and reverses between repeats; the report
+    divides by DAPO and sets the target by the number of extra views (hand numbers: DAPO step 2 s with a
+    0.5 s pi_old pass -> a one-view method may take 1 + 0.25 + 0.02 = 1.27 x)."""
+    assert bench.parse_args(["--methods", "vppo"]).methods == ["dapo", "vppo"]
+    assert bench.run_order(["dapo", "vgpo", "vppo"], 2) == ["dapo", "vgpo", "vppo", "dapo", "vppo", "vgpo"]
+    times = {"dapo": {"step": [2.0], "logprob": [0.5]}, "vgpo": {"step": [2.02], "logprob": [0.5]},
+             "vppo": {"step": [2.6], "logprob": [0.5], "extra_views": [0.5]}}
+    lines = bench.report(times)
+    assert lines[1].split()[0] == "dapo" and lines[1].split()[-3:] == ["1.000", "1.020", "yes"]
+    assert lines[2].split()[-3:] == ["1.010", "1.020", "yes"]
+    assert lines[3].split()[-3:] == ["1.300", "1.270", "NO"]
 
 
 def test_user_overrides_win(bench, quickstart_root):

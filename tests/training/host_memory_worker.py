@@ -87,7 +87,7 @@ def main(hf_dir: str, data_file: str, out_dir: str) -> None:
                                [step.rewards[r] for r in rows], images, pad_token_id=tok.pad_token_id or 0,
                                image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), device=groups.device)
     with PeakRss() as passed:
-        actor.old_logprobs_and_scores(exp, None)
+        actor.forward_statistics(exp)
     report = {"rank": groups.rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank, "rows": len(rows),
               "distinct_prompts": len({p.row_id for p in prompts}), "pixel_bytes": images.nbytes(),
               "stored_images": len(images.pixels) if images.pixels is not None else 0, "stored_growth": stored.growth,

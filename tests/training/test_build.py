@@ -12,11 +12,9 @@ from megatron_vgpo.training.build import build_trainer
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("override, field", [("algorithm.hidden_states_from=current", "algorithm.hidden_states_from"),
-                                             ("algorithm.kl_coef=0.01", "algorithm.kl_coef")])
-def test_unimplemented_settings_are_refused_by_name(override, field):
-    cfg = load_config(REPO / "examples" / "configs" / "cpu_tiny.yaml", [override])
-    with pytest.raises(ValueError, match=field):
+def test_unimplemented_settings_are_refused_by_name():
+    cfg = load_config(REPO / "examples" / "configs" / "cpu_tiny.yaml", ["algorithm.kl_coef=0.01"])
+    with pytest.raises(ValueError, match="algorithm.kl_coef"):
         build_trainer(object, cfg)
     assert not dist.is_initialized()
 

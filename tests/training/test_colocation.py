@@ -81,8 +81,8 @@ def test_call_order_of_a_colocated_step(tmp_path, monkeypatch):
         monkeypatch.setattr(actor_module.OptimizerOffloader, name, recorded)
     try:
         trainer = Trainer.from_config(cfg, engine=RecordingEngine(events, response))
-        original_pass = trainer.actor.old_logprobs_and_scores
-        trainer.actor.old_logprobs_and_scores = lambda *a: (events.append("logprobs"), original_pass(*a))[1]
+        original_pass = trainer.actor.forward_statistics
+        trainer.actor.forward_statistics = lambda *a, **k: (events.append("logprobs"), original_pass(*a, **k))[1]
         trainer.train()
     finally:
         destroy_parallel()
@@ -110,8 +110,9 @@ def tiny_actor(world_of_one, offload: bool) -> Actor:
 def train_steps(actor: Actor, steps: int) -> None:
     exp = parity_experience(actor.chunks[0].hf_config)
     for _ in range(steps):
-        exp.old_logprobs, _ = actor.old_logprobs_and_scores(exp, None)
+        exp.old_logprobs, _ = actor.forward_statistics(exp)
         exp.advantages = torch.linspace(-1, 1, exp.input_ids.numel()).view_as(exp.input_ids) * exp.response_mask
+        exp.loss_mask, exp.outcome = exp.response_mask, torch.zeros(len(exp))
         actor.update(exp, [[0, 1], [2]], AlgorithmConfig())
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_vgpo.algorithms.vgpo import VGPOConfig
 from megatron_vgpo.config.schema import AlgorithmConfig
+from megatron_vgpo.methods import build_methods
+from megatron_vgpo.methods.views import view_row_images
 from megatron_vgpo.models.qwen2_5_vl.model import PolicyOutput
 from megatron_vgpo.training.actor import Actor, OptimizerStepStats
 from megatron_vgpo.training.experience import build_experience
@@ -107,20 +108,27 @@ def test_every_tensor_reaching_the_model_loss_and_optimizer_is_on_the_training_d
     assert all(t.device == META for t in (exp.input_ids, exp.response_mask, exp.group_ids, exp.rewards))
     assert all(p.device.type == "cpu" and p.dtype == torch.uint8 for p in exp.images.pixels)  # host until used
 
-    old, rho = actor.old_logprobs_and_scores(exp, VGPOConfig())
-    assert old.device == META and rho.device == META and old.shape == exp.input_ids.shape
+    methods = build_methods(AlgorithmConfig(shapers=["vgpo"], loss_terms=["papo"], entropy_coef=0.01))
+    original, masked_view = methods.views()
+    old, stats = actor.forward_statistics(exp, methods.statistics(original))
+    assert old.device == META and old.shape == exp.input_ids.shape
+    assert stats and all(v.device == META for v in stats.values())
     names = {name for name, _ in chunk.seen}
     assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= names
-    assert all(device == META for _, device in chunk.seen), chunk.seen
-
-    exp.old_logprobs, exp.advantages = old, torch.ones_like(old)
     chunk.seen.clear()
-    stats = actor.update(exp, [[0, 1, 2, 3]], AlgorithmConfig(entropy_coef=0.01))
+    images = view_row_images(masked_view, prompts, range(4), SPEC, seed=1, step=0, load_pixels=True)
+    _, view_stats = actor.forward_statistics(exp, methods.statistics(masked_view), images, old_logprobs=False)
+    assert view_stats and all(v.device == META for v in view_stats.values())
+    assert chunk.seen and all(device == META for _, device in chunk.seen), chunk.seen
+
+    exp.old_logprobs, exp.stats = old, {**stats, **view_stats}
+    exp.advantages, exp.loss_mask, exp.outcome = torch.ones_like(old), exp.response_mask, torch.ones_like(exp.rewards)
+    chunk.seen.clear()
+    steps = actor.update(exp, [[0, 1, 2, 3]], AlgorithmConfig(entropy_coef=0.01), methods)
     assert chunk.seen and all(device == META for _, device in chunk.seen), chunk.seen
     assert actor.optimizer.seen == [META]
-    assert isinstance(stats[0], OptimizerStepStats)
-    assert stats[0].loss_sums and all(v.device == META for v in stats[0].loss_sums.values())
-
+    assert isinstance(steps[0], OptimizerStepStats) and "papo/kl" in steps[0].loss_sums
+    assert all(v.device == META for v in steps[0].loss_sums.values())
 
 FACTORIES = {"zeros", "ones", "full", "empty", "tensor", "arange", "rand", "randn", "randint", "eye", "linspace"}
 HOST_SIDE = {

@@ -52,8 +52,9 @@ def test_the_warmup_step_has_the_gradient_of_token_mean_cross_entropy(world_of_o
     actor = Actor(chunks, world_of_one, OptimizerConfig(lr=1e-3, clip_grad=0.0, use_distributed_optimizer=False),
                   micro_batch_size=2, total_steps=10)
     exp = parity_experience(hf_model.config)
-    exp.old_logprobs, _ = actor.old_logprobs_and_scores(exp, None)
-    exp.advantages = exp.response_mask.float()
+    exp.old_logprobs, _ = actor.forward_statistics(exp)
+    exp.advantages, exp.loss_mask = exp.response_mask.float(), exp.response_mask
+    exp.outcome = torch.ones(len(exp))
     lr_before = actor.optimizer.param_groups[0]["lr"]
     stats = actor.update(exp, [list(range(len(exp)))], AlgorithmConfig(), lr=3e-4, schedule=False)[0]
     assert stats.lr == 3e-4 and actor.scheduler.num_steps == 0

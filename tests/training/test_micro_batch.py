@@ -70,6 +70,8 @@ def small_experience():
                            image_token_id=IMAGE_PAD)
     exp.old_logprobs = torch.randn(exp.input_ids.shape)
     exp.advantages = torch.randn(exp.input_ids.shape)
+    exp.loss_mask, exp.outcome = exp.response_mask, torch.randn(len(exp))
+    exp.stats = {"s": torch.randn(exp.input_ids.shape)}
     return exp
 
 
@@ -83,6 +85,8 @@ def test_micro_batches_are_lazy_reiterable_and_trimmed():
     mb = first[0]
     assert mb.rows.tolist() == [4, 0] and mb.input_ids.shape == (2, max(exp.lengths[4], exp.lengths[0]))
     assert torch.equal(mb.old_logprobs, exp.old_logprobs[[4, 0], :mb.input_ids.shape[1]])
+    assert torch.equal(mb.outcome, exp.outcome[[4, 0]]) and mb.stats == {}  # no statistic asked for
+    assert torch.equal(MicroBatches(exp, [4, 0], 2, True, stat_keys=["s"])[0].stats["s"], exp.stats["s"][[4, 0], :mb.input_ids.shape[1]])
     assert mb.vision.image_index == [0, 0] and len(mb.vision.images) == 1  # one prompt: one image
     assert first[1].rows.tolist() == [2, 3] and first[1].vision.image_index == [0, 0]
     assert first[2].rows.tolist() == [1] and first[2].input_ids.shape == (1, exp.lengths[1])
