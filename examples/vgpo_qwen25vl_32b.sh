@@ -14,6 +14,8 @@
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
 #   GPUS_PER_NODE [the count in CUDA_VISIBLE_DEVICES, else `nvidia-smi -L | wc -l`, else 8]
 #   CONFIG [examples/configs/qwen25vl_32b.yaml]  PYTHON [python]  TORCHRUN [torchrun]
+#   MAX_RESTARTS [3]: torchrun restarts the workers after a failure (a NaN run, a lost rank, a killed
+#     process) this many times; each restart resumes from the checkpoint `latest` names.
 # Relative paths in the config (checkpoints/, runs/, data/) resolve against the repository root, which
 # must sit on a filesystem shared by all nodes: every rank writes its shard of a checkpoint there.
 #
@@ -61,7 +63,7 @@ fi
 
 read -r -a torchrun <<< "${TORCHRUN:-torchrun}"
 cmd=("${torchrun[@]}" --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
-     --master-port "$MASTER_PORT" --nproc-per-node "$GPUS_PER_NODE"
+     --master-port "$MASTER_PORT" --nproc-per-node "$GPUS_PER_NODE" --max-restarts "${MAX_RESTARTS:-3}"
      -m megatron_vgpo.train --config "$CONFIG" "$@")
 log "node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPUs: $(printf '%q ' "${cmd[@]}")"
 exec "${cmd[@]}"

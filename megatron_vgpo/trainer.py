@@ -34,6 +34,7 @@ from megatron_vgpo.training.actor import update_metrics
 from megatron_vgpo.training.experience import Experience, build_experience
 from megatron_vgpo.training.format_warmup import format_warmup
 from megatron_vgpo.training.logging import StepTimer, flops_per_token, perf_metrics
+from megatron_vgpo.training.preemption import StopRequest
 from megatron_vgpo.training.rollout import RolloutStep, Rollouts
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Trainer:
         return build_trainer(cls, cfg, engine)
 
     def train(self) -> dict:
+        stop = StopRequest(self.cfg.trainer.stop_signals, self.cfg.checkpoint.save_dir, self.groups.rank,
+                           self.groups.device)
         self.resume()
         if self.step == 0 and self.cfg.trainer.format_warmup.steps:
             format_warmup(self.actor, self.rollouts, self.cfg, self.groups,
@@ -78,6 +81,8 @@ class Trainer:
                 metrics.update(self.validate())
             self.log(metrics)
             self.maybe_save()
+            if self.stopped(stop):
+                break
         return self.final_summary()
 
     # ------------------------------------------------------------------------------- the steps
@@ -149,10 +154,22 @@ class Trainer:
 
     def maybe_save(self) -> None:
         if self.checkpoints.should_save(self.step, self.cfg.trainer.total_steps):
-            with self.actor.optimizer_on_device():
-                self.checkpoints.save(self.step, self.actor.model, self.actor.optimizer,
-                                      self.actor.scheduler.state_dict(), self.rollouts.state_dict(),
-                                      hf_config_dir=self.cfg.model.hf_path)
+            self.save()
+
+    def stopped(self, stop: StopRequest) -> bool:
+        """After a step: when a stop was requested (any rank), save, clear the request, say so."""
+        reason = stop.requested()
+        if reason:
+            self.save()
+            stop.clear()
+            logger.warning("stop requested (%s): checkpoint of step %d saved, exiting; the same command resumes "
+                           "from it", reason, self.step)
+        return reason is not None
+
+    def save(self) -> None:
+        with self.actor.optimizer_on_device():
+            self.checkpoints.save(self.step, self.actor.model, self.actor.optimizer, self.actor.scheduler.state_dict(),
+                                  self.rollouts.state_dict(), hf_config_dir=self.cfg.model.hf_path)
 
     def resume(self) -> None:
         with self.actor.optimizer_on_device():

@@ -135,6 +135,8 @@ class OptimizerConfig:
     offload_during_rollout: bool = doc(
         False, "Move optimizer states (fp32 master weights, Adam moments) and gradient buffers to host memory while "
                "the rollout engine runs, and back for the update (frees GPU memory for the KV cache).")
+    max_consecutive_nonfinite: int = doc(
+        3, "An optimizer step whose gradients hold NaN/inf is skipped (weights unchanged); this many in a row stop the run.")
 
 
 @dataclass
@@ -167,7 +169,14 @@ class CheckpointConfig:
     save_dir: str = doc("checkpoints", "Directory of step checkpoints; `latest` names the newest complete one.")
     save_interval: int = doc(50, "Save every k steps; 0 saves only at the end.")
     keep_last: int = doc(2, "Complete checkpoints kept; older ones are removed.")
-    resume: bool = doc(True, "Resume from save_dir's latest checkpoint when one exists.")
+    resume: bool = doc(True, "Resume from save_dir's latest checkpoint that passes its check (a damaged one is named and the previous one tried).")
+    load_step: int = doc(-1, "Resume from this step's checkpoint instead (no fallback; newer ones are removed at the next save); -1: the latest.")
+    async_save: bool | Literal["auto"] = doc(
+        "auto", "Write model/optimizer shards in the background (megatron-core async save); 'auto': on GPU only.")
+
+    def __post_init__(self):
+        if self.load_step < -1:
+            raise ValueError(f"load_step: {self.load_step} is not a step (-1 resumes from the latest checkpoint)")
 
 
 @dataclass
@@ -194,6 +203,8 @@ class TrainerConfig:
     val_before_train: bool = doc(True, "Validate before the first step.")
     seed: int = doc(42, "Global seed (model init, dropout, sampling).")
     device: Literal["auto", "cuda", "cpu"] = doc("auto", "Device; 'auto': cuda if available.")
+    stop_signals: list = doc(["SIGTERM", "SIGUSR1"], "Signals that make the run finish its step, save a checkpoint "
+                                                      "and exit 0 (as does a STOP file in checkpoint.save_dir).")
     format_warmup: FormatWarmupConfig = sub(FormatWarmupConfig, "Answer-format warm-up for a policy that never writes \\boxed{} (tiny random models).")
 
 

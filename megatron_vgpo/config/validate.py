@@ -7,6 +7,8 @@ the rules here are about one section against another, or about the world size.
 
 from __future__ import annotations
 
+import signal
+
 from megatron_vgpo.config.loader import ConfigError
 from megatron_vgpo.distributed.layout import ParallelLayout, parallel_layout
 
@@ -59,6 +61,11 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
              f"algorithm.hidden_states_from=current needs group-aligned update micro-batches (a shaper's "
              f"per-group factor sees the whole group): trainer.micro_batch_size={cfg.trainer.micro_batch_size} "
              f"must be a multiple of rollout.n={ro.n}")
+    _require(opt.max_consecutive_nonfinite >= 1,
+             f"optimizer.max_consecutive_nonfinite={opt.max_consecutive_nonfinite}: must be >= 1")
+    bad = [s for s in cfg.trainer.stop_signals if not (isinstance(s, str) and isinstance(getattr(signal, s, None),
+                                                                                     signal.Signals))]
+    _require(not bad, f"trainer.stop_signals: {bad} are not signal names (e.g. SIGTERM, SIGUSR1)")
     _require(ro.n >= 2, f"rollout.n={ro.n} is invalid: group-relative advantages need >= 2 responses per prompt")
     _require(ro.sampling.temperature >= 0, f"rollout.sampling.temperature={ro.sampling.temperature}: must be >= 0")
     _require(0 < ro.sampling.top_p <= 1, f"rollout.sampling.top_p={ro.sampling.top_p}: must be in (0, 1]")

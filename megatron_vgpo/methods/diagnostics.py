@@ -25,5 +25,5 @@ def focus_diagnostics(stats, response_mask, has_image) -> MetricSums:
     f_early, f_late = visual_token_fractions(rho, valid)
     metrics = MetricSums()
     metrics.mean("focus/rho_mean", rho[valid])
-    metrics.ratio("focus/late_early_ratio", f_late[rows], f_early[rows])
+    metrics.ratio_of_means("focus/late_early_ratio", f_late[rows], f_early[rows], eps=1e-8)
     return metrics

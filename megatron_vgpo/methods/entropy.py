@@ -3,6 +3,10 @@ Perspective"; the VGPO paper's "DAPO w/ Entropy"; METHODS_SPEC section 1).
 
     A'_{i,t} = A_{i,t} + min(alpha * H_t, |A_{i,t}| / kappa)
 
+with ``A_{i,t}`` the token-level advantages so far: the outcome ``A_i`` of METHODS_SPEC when the shaper
+is listed first (or alone); after another shaper (e.g. ``shapers: [vgpo, entropy]``) the cap follows
+that shaper's advantage.
+
 ``H_t``: the FULL-vocabulary entropy of the policy's next-token distribution at the position that
 predicts token ``t``, detached (computed vocab-parallel on the last stage, ``vocab_parallel.py``; at
 sampling temperature 1, the temperature our rollouts use). The bonus is never negative and at most

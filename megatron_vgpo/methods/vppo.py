@@ -11,7 +11,8 @@ per response row, gives ``l_aug``; with the pi_old log-probs ``l_old`` of the or
 - trajectory advantage shaping: ``S_i = mean_t D_t``, ``s~_i = clamp((S_i - lo) / (hi - lo), 0, 1)``
   with ``lo, hi`` the min / max of ``S`` over the normalisation scope, ``mu`` the mean of ``s~`` over
   its scope, ``alpha_i = b_min + (1 - b_min) s~_i / (mu + 1e-8)`` (1 when the scope has fewer than two
-  rows or ``hi - lo <= 1e-6``), ``A'_{i,t} = alpha_i A_{i,t}``. Scope ``batch`` [ours, default]: the
+  rows or ``hi - lo <= 1e-6``), ``A'_{i,t} = alpha_i A_{i,t}``; a response without an image (or without
+  tokens) keeps alpha 1 and stays out of ``lo``, ``hi`` and ``mu`` [ours, as VGPO's edge case]. Scope ``batch`` [ours, default]: the
   whole step over all data-parallel ranks (layout-independent); ``group``: each prompt's group;
   ``official``: ``lo, hi`` over this rank's PPO mini-batch and ``mu`` over its update micro-batch, as
   the released code (results then depend on the parallel layout and the micro-batch size);
@@ -88,7 +89,7 @@ def token_filter(D: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.
     """``[B, L]`` bool: the ``ceil(fraction * T_i)`` response tokens of each row with the largest ``D``,
     ties broken by position (a stable sort: the earlier token first)."""
     T = mask.sum(-1).double()
-    k = torch.ceil(torch.round(fraction * T * 1e6) / 1e6).long()  # 0.4 * 5 is 2.0000000000000004
+    k = torch.ceil(torch.round(fraction * T * 1e6) / 1e6).long()  # 0.07 * 100 is 7.000000000000001
     order = D.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(D.shape[-1], device=D.device).expand_as(order))
     return mask & (rank < k.unsqueeze(-1))
@@ -104,35 +105,42 @@ def _scope_index(scope: str, group_ids: torch.Tensor, minibatches: Sequence[Sequ
     if scope == "batch":
         zeros = torch.zeros(B, dtype=torch.long, device=device)
         return zeros, zeros
-    norm, mu = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    norm, mu = torch.full((B,), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     micro = 0
     for m, rows in enumerate(minibatches):
         for j, r in enumerate(rows):
             norm[r], mu[r] = m, micro + j // micro_batch_size
         micro += math.ceil(len(rows) / micro_batch_size)
+    if (norm < 0).any():
+        raise ValueError(f"VPPO scope 'official': rows {torch.nonzero(norm < 0).flatten().tolist()[:5]} are in no "
+                         f"mini-batch")
     return norm.to(device), mu.to(device)
 
 
 def trajectory_scale(S: torch.Tensor, b_min: float, scope: str, group_ids: torch.Tensor,
-                     minibatches: Sequence[Sequence[int]] = (), micro_batch_size: int = 1, dp_group=None) -> torch.Tensor:
-    """``alpha_i`` of VPPO's trajectory advantage shaping (module docstring) for the scores ``S`` [B]."""
+                     minibatches: Sequence[Sequence[int]] = (), micro_batch_size: int = 1, dp_group=None,
+                     scored: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha_i`` of VPPO's trajectory advantage shaping (module docstring) for the scores ``S`` [B].
+    ``scored`` [B] bool: the rows that take part (default all); the others (a prompt without an image,
+    an empty response: no visual dependency to measure) get alpha 1 and stay out of lo, hi and mu."""
     S = S.double()
+    scored = torch.ones_like(S, dtype=torch.bool) if scored is None else scored
     norm, mu_scope = _scope_index(scope, group_ids, minibatches, micro_batch_size)
-    n = int(norm.max()) + 1 if norm.numel() else 0
-    lo = S.new_full((n,), float("inf")).scatter_reduce(0, norm, S, "amin")
-    hi = S.new_full((n,), float("-inf")).scatter_reduce(0, norm, S, "amax")
-    rows = S.new_zeros(n).index_add(0, norm, torch.ones_like(S))
+    n = 1 if scope == "batch" else (int(norm.max()) + 1 if norm.numel() else 0)  # one scope even on an empty rank
+    lo = S.new_full((n,), float("inf")).scatter_reduce(0, norm[scored], S[scored], "amin")
+    hi = S.new_full((n,), float("-inf")).scatter_reduce(0, norm[scored], S[scored], "amax")
+    rows = S.new_zeros(n).index_add(0, norm[scored], torch.ones_like(S[scored]))
     step_wide = scope == "batch" and dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1
     if step_wide:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=dp_group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=dp_group)
         dist.all_reduce(rows, group=dp_group)
-    degenerate = ((rows < 2) | (hi - lo <= 1e-6))[norm]
+    degenerate = ((rows < 2) | (hi - lo <= 1e-6))[norm] | ~scored
     span = torch.where(degenerate, torch.ones_like(S), (hi - lo)[norm])
     s_tilde = torch.where(degenerate, torch.zeros_like(S), ((S - lo[norm]) / span).clamp(0.0, 1.0))
-    m = int(mu_scope.max()) + 1 if mu_scope.numel() else 0
-    total = S.new_zeros(m).index_add(0, mu_scope, s_tilde)
-    count = S.new_zeros(m).index_add(0, mu_scope, torch.ones_like(S))
+    m = 1 if scope == "batch" else (int(mu_scope.max()) + 1 if mu_scope.numel() else 0)
+    total = S.new_zeros(m).index_add(0, mu_scope[scored], s_tilde[scored])
+    count = S.new_zeros(m).index_add(0, mu_scope[scored], torch.ones_like(S[scored]))
     if step_wide:
         packed = torch.cat([total, count])
         dist.all_reduce(packed, group=dp_group)
@@ -167,7 +175,7 @@ class VPPOShaper(AdvantageShaper):
         keep = token_filter(D, mask, cfg.token_fraction)
         S = D.sum(-1) / mask.sum(-1).clamp(min=1)
         alpha = trajectory_scale(S, cfg.b_min, cfg.scope, inputs.group_ids, inputs.minibatches,
-                                 inputs.micro_batch_size, inputs.dp_group)
+                                 inputs.micro_batch_size, inputs.dp_group, scored=inputs.has_image & mask.any(-1))
         metrics = MetricSums()
         metrics.mean("vppo/visual_dependency", D[mask])
         metrics.ratio("vppo/kept_fraction", keep.float(), mask.float())

@@ -78,8 +78,9 @@ class OptimizerStepStats:
     numerators and the token count, summed over the mini-batch's micro-batches, device tensors on the
     last pipeline stage, empty elsewhere; turned into token means where they are logged."""
 
-    grad_norm: float
+    grad_norm: float  # NaN for a skipped step
     lr: float
+    skipped: bool = False  # non-finite gradients: no optimizer step
     loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # qualified names ("actor/pg_loss") + num_tokens
     shaping: MetricSums = field(default_factory=MetricSums)  # current-policy shapers' diagnostics
 
@@ -93,8 +94,10 @@ def update_metrics(stats: list[OptimizerStepStats], dp_group=None) -> dict[str, 
 
     if not stats:
         return {}
-    out = {"actor/grad_norm": sum(s.grad_norm for s in stats) / len(stats),
-           "actor/lr": sum(s.lr for s in stats) / len(stats)}
+    applied = [s for s in stats if not s.skipped]
+    out = {"actor/grad_norm": sum(s.grad_norm for s in applied) / len(applied) if applied else float("nan"),
+           "actor/lr": sum(s.lr for s in stats) / len(stats),
+           "actor/skipped_steps": float(len(stats) - len(applied))}
     sums = sum_metric_sums(s.loss_sums for s in stats)
     if sums:
         keys = sorted(sums)
@@ -130,6 +133,7 @@ class Actor:
         self.optimizer = _megatron_optimizer(self.model, opt_cfg, chunks[0].config.params_dtype, distributed)
         self.scheduler = lr_scheduler(self.optimizer, opt_cfg, total_steps, steps_per_rl_step)
         self.offloader = OptimizerOffloader(self.optimizer, self.model, self.device, opt_cfg.offload_during_rollout)
+        self.max_consecutive_nonfinite, self.consecutive_nonfinite = opt_cfg.max_consecutive_nonfinite, 0
 
     def offload(self) -> None:
         """Optimizer states and grad buffers to host memory (``optimizer.offload_during_rollout``)."""
@@ -138,6 +142,27 @@ class Actor:
     def onload(self) -> None:
         """Back on the device, for an update or a checkpoint."""
         self.offloader.onload()
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient of this step is finite on every rank (one scan of the gradient
+        buffers, one all-reduce): a NaN/inf loss on the last stage reaches every stage's gradients."""
+        import torch.distributed as dist
+
+        finite = torch.ones((), dtype=torch.int32, device=self.device)
+        for m in self.model:
+            for buffer in m.buffers + m.expert_parallel_buffers:
+                finite &= torch.isfinite(buffer.grad_data).all().to(torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def count_nonfinite(self) -> None:
+        self.consecutive_nonfinite += 1
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise RuntimeError(f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite (NaN/inf) "
+                               f"gradients and were skipped (optimizer.max_consecutive_nonfinite="
+                               f"{self.max_consecutive_nonfinite}): the run stops; resume from the last checkpoint "
+                               f"with a lower optimizer.lr or look for the bad batch in the logs")
 
     @contextlib.contextmanager
     def optimizer_on_device(self):
@@ -236,14 +261,22 @@ class Actor:
             extras = run_pipeline(self.model, batches, loss_fn, compute_entropy=compute_entropy,
                                   return_hidden_states=hidden, device=self.device)
             step_lr = self.optimizer.param_groups[0]["lr"]
-            _, grad_norm, _ = self.optimizer.step()
+            skipped = not self.gradients_finite()
+            if skipped:  # NaN/inf loss or gradient: the weights and optimizer state stay as they are
+                grad_norm = float("nan")
+                self.optimizer.zero_grad()
+                self.count_nonfinite()
+            else:
+                _, grad_norm, _ = self.optimizer.step()
+                self.consecutive_nonfinite = 0
             if schedule:
                 self.scheduler.step(increment=increment)
             shaping = MetricSums()
             for e in extras:
                 if e["shaping"] is not None:
                     shaping.update(e["shaping"])
-            steps.append(OptimizerStepStats(float(grad_norm or 0.0), step_lr, sum_metric_sums(e["sums"] for e in extras),
-                                            shaping))
+            steps.append(OptimizerStepStats(grad_norm=float(grad_norm if grad_norm is not None else 0.0), lr=step_lr,
+                                            skipped=skipped, loss_sums=sum_metric_sums(e["sums"] for e in extras),
+                                            shaping=shaping))
         self.offload()
         return steps

@@ -97,7 +97,8 @@ def test_multinode_torchrun_arguments(fakes, tmp_path):
     assert r.returncode == 0, r.stderr
     (call,) = calls(log, "torchrun")
     assert call["argv"] == ["--nnodes", "4", "--node-rank", "2", "--master-addr", "10.0.0.1",
-                            "--master-port", "1234", "--nproc-per-node", "8", "-m", "megatron_vgpo.train",
+                            "--master-port", "1234", "--nproc-per-node", "8", "--max-restarts", "3", "-m",
+                            "megatron_vgpo.train",
                             "--config", CONFIG_32B, "trainer.total_steps=10", "--dry-run"]
     assert call["cwd"] == str(REPO)  # relative config paths resolve against the repository
     assert call["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
@@ -121,7 +122,8 @@ def test_defaults_and_gpu_count(fakes, tmp_path, visible, smi_lines, expected):
     assert r.returncode == 0, r.stderr
     (call,) = calls(log, "torchrun")
     assert call["argv"] == ["--nnodes", "1", "--node-rank", "0", "--master-addr", "127.0.0.1",
-                            "--master-port", "29500", "--nproc-per-node", expected, "-m", "megatron_vgpo.train",
+                            "--master-port", "29500", "--nproc-per-node", expected, "--max-restarts", "3", "-m",
+                            "megatron_vgpo.train",
                             "--config", "examples/configs/qwen25vl_7b.yaml"]
     assert call["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"  # the user's value wins
 
@@ -181,7 +183,35 @@ def test_sbatch_directives_reach_slurm():
             break
         if line.startswith("#SBATCH "):
             directives += line.split()[1:]
-    assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive"} <= set(directives)
+    assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive", "--signal=B:USR1@600"} <= set(
+        directives)
+
+
+def test_sbatch_time_limit_signal_writes_the_stop_file(fakes, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@600 sends) while srun runs: the trap writes
+    the STOP file into the checkpoint directory, the shell keeps waiting for the run, and exits with
+    the run's status. The fake srun here stands for a run that notices the file and exits 0."""
+    env, log = fakes
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    fake_tool(bin_dir, "scontrol", 'print("n1")\n')
+    ckpt = tmp_path / "ckpt"
+    fake_tool(bin_dir, "srun", "import time\nfrom pathlib import Path\nstop = Path(os.environ['CKPT_DIR']) / 'STOP'\n"
+                               "t0 = time.time()\nwhile not stop.exists():\n    time.sleep(0.05)\n"
+                               "    assert time.time() - t0 < 60, 'no STOP file'\n")
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(REPO),
+               CKPT_DIR=str(ckpt))
+    proc = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 30
+    while not calls(log, "srun") and time.time() < deadline:  # srun started: the trap is set just after
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(__import__("signal").SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (ckpt / "STOP").exists() and "asking the run to save and stop" in err
 
 
 @pytest.mark.parametrize("where", ["spool-copy", "in-repo"])
@@ -208,7 +238,7 @@ def test_sbatch_launches_every_node(fakes, tmp_path, where):
     assert [c["env"]["SLURM_NODEID"] for c in launches] == ["0", "1", "2", "3"]
     for node, call in enumerate(launches):
         assert call["argv"] == ["--nnodes", "4", "--node-rank", str(node), "--master-addr", "gpu-017",
-                                "--master-port", str(20000 + 4242), "--nproc-per-node", "8",
+                                "--master-port", str(20000 + 4242), "--nproc-per-node", "8", "--max-restarts", "3",
                                 "-m", "megatron_vgpo.train", "--config", CONFIG_32B,
                                 "checkpoint.save_dir=/lustre/me/ckpt", "trainer.total_steps=10"]
         assert call["cwd"] == str(REPO)

@@ -92,6 +92,8 @@ def meta_actor(world_of_one):
     actor.optimizer = RecordingOptimizer(chunk.parameters())
     actor.scheduler = type("Scheduler", (), {"step": lambda self, increment: None})()
     actor.offloader = OptimizerOffloader(actor.optimizer, [chunk], META, enabled=False)
+    actor.max_consecutive_nonfinite, actor.consecutive_nonfinite = 3, 0
+    actor.gradients_finite = lambda: True  # it reads gradient values, which meta tensors do not have
     return actor, chunk
 
 
