@@ -1,5 +1,6 @@
 """Throughput of the Megatron -> HF weight resharding (``megatron_vgpo.rollout.weight_sync``) against a
-plain in-memory copy of the same bytes, on a full-size random Qwen2.5-VL.
+plain in-memory copy of the same bytes, on a full-size random Qwen2.5-VL; and the shard-to-shard path
+(rollout TP = trainer TP) against it: time and bytes moved per rank.
 
     python tools/bench_weight_sync.py [--preset 3b|7b|small] [--bucket-mb 256] [--layouts 1x1 2x1 1x2 2x2]
 
@@ -16,6 +17,13 @@ Qwen2.5-VL shapes, text and vision, bf16, weights left uninitialised: only bytes
 Throughput is HF bytes delivered per rank per second; ``ratio`` = sync time / copy time (target on
 CPU: <= 3), then sync time / fresh time. The vLLM reload itself is not included (an engine of this size per rank does not fit
 here); its cost is vLLM's own load path.
+
+Then, per layout, the paths side by side, each stream consumed and dropped as above: ``full`` (the
+transport picked for the machine: shared memory on one CPU host), ``full-coll`` (the collectives,
+what GPUs use; CPU only, where it differs) and ``shard`` (``engine_weights`` with rollout TP = trainer
+TP: full-shaped carriers holding this rank's regions). For every rank: the bytes it received and sent
+through the transport (``WeightResharder.traffic``) next to the formula (``formula``), and the time
+ratio to the ``full`` path (to ``full-coll`` in brackets).
 """
 
 from __future__ import annotations
@@ -34,6 +42,86 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
+def formula(sync) -> dict[str, tuple[int, int]]:
+    """``{path: (sent, received)}``: the bytes this rank moves per sync, from the parameter shapes.
+
+    full (collectives): on the owning stage, each TP-partitioned parameter is all-gathered (this rank
+    sends its shard to each TP peer and receives theirs: (TP-1)/TP of the full tensor), and the whole
+    bucket is broadcast to the other PP-1 stages; another stage's rank receives every full tensor.
+    full (shared memory): a rank writes its shards (and its share of the replicated parameters) and
+    reads the rest of the bucket. shard: a rank receives, from the owning stage's rank with its TP
+    rank, its own region of each HF tensor (``vllm_region``: 1/TP of a split tensor, a norm whole),
+    and sends its regions of its own stage's tensors to the other PP-1 stages; a vocabulary that does
+    not line up with vLLM's (not the released ones) is all-gathered on its stage first."""
+    import math
+
+    from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
+    from megatron_vgpo.rollout.transport import SharedMemoryTransport, _writers
+    from megatron_vgpo.rollout.shard_sync import vllm_region, vocab_aligned
+
+    g, arch = sync.groups, sync.arch
+    full, shm, shard = [0, 0], [0, 0], [0, 0]
+    on_shm = isinstance(sync.transport, SharedMemoryTransport)
+    for bucket in sync.buckets:
+        writers = _writers(bucket.entries, g.tp_size) if on_shm else {}
+        for e in bucket.entries:
+            size = e.dtype.itemsize
+            full_bytes, shard_bytes = e.numel * size, math.prod(e.shard_shape) * size
+            meta = torch.empty(e.full_shape, dtype=e.dtype, device="meta")
+            region = sum(math.prod(vllm_region(n, tuple(t.shape), g.tp_rank, g.tp_size).shape(tuple(t.shape))) * size
+                         for n, t in nm.megatron_to_hf([(e.name, meta)], arch))
+            gathered = e.rows > 1 and e.name in (nm.EMBEDDING, nm.OUTPUT) and not vocab_aligned(arch)
+            tp_share = (e.rows - 1) * shard_bytes
+            moved = g.pp_size > 1 or e.rows > 1
+            if e.stage == g.pp_rank:
+                full[0] += tp_share + (g.pp_size - 1) * full_bytes
+                full[1] += tp_share
+                written = shard_bytes if e.rows > 1 else full_bytes * (writers.get(e.name) == g.tp_rank)
+                shm[0] += written * moved
+                shm[1] += (full_bytes - written) * moved
+                shard[0] += (g.pp_size - 1) * region + tp_share * gathered
+                shard[1] += tp_share * gathered
+            else:
+                full[1] += full_bytes
+                shm[1] += full_bytes
+                shard[1] += region
+    return {"full-coll": tuple(full), "full": tuple(shm if on_shm else full), "shard": tuple(shard)}
+
+
+def stream_seconds(stream) -> tuple[float, int, int]:
+    """Time to consume ``stream`` on every rank (all in step), HF bytes delivered, the largest tensor."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    delivered = largest = 0
+    for _, tensor in stream:
+        delivered += tensor.numel() * tensor.element_size()
+        largest = max(largest, tensor.numel() * tensor.element_size())
+        del tensor
+    dist.barrier()
+    return time.perf_counter() - start, delivered, largest
+
+
+def compare_paths(chunks, groups, bucket: int, golden_s: float, golden) -> dict:
+    """Time and traffic of each path on this rank (see the module docstring)."""
+    from megatron_vgpo.rollout.transport import CollectiveTransport
+    from megatron_vgpo.rollout.weight_sync import WeightResharder
+
+    syncs = {"full": golden}
+    if not isinstance(golden.transport, CollectiveTransport):
+        syncs["full-coll"] = WeightResharder(chunks, groups, bucket_bytes=bucket)
+        syncs["full-coll"].transport = CollectiveTransport(groups, groups.device)
+    syncs["shard"] = WeightResharder(chunks, groups, bucket_bytes=bucket, rollout_tp=groups.tp_size)
+    expected = formula(golden)
+    out = {}
+    for path, sync in syncs.items():
+        seconds = golden_s if path == "full" else stream_seconds(sync.engine_weights())[0]
+        out[path] = dict(seconds=seconds, sent=sync.traffic.sent, received=sync.traffic.received,
+                         formula_sent=expected[path][0], formula_received=expected[path][1])
+    return out
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
@@ -49,15 +137,7 @@ def worker(args) -> None:
                           perform_initialization=False)
     bucket = args.bucket_mb << 20
     sync = WeightResharder(chunks, groups, bucket_bytes=bucket)
-    dist.barrier()
-    start = time.perf_counter()
-    delivered = largest = 0
-    for _, tensor in sync.hf_weights():
-        delivered += tensor.numel() * tensor.element_size()
-        largest = max(largest, tensor.numel() * tensor.element_size())
-        del tensor
-    dist.barrier()
-    sync_s = time.perf_counter() - start
+    sync_s, delivered, largest = stream_seconds(sync.hf_weights())
 
     src = torch.empty(bucket, dtype=torch.uint8, device=groups.device).random_()
     dst = torch.empty_like(src)
@@ -79,10 +159,15 @@ def worker(args) -> None:
         left -= n
     dist.barrier()
     fresh_s = time.perf_counter() - start
+    del src, dst
+    paths = compare_paths(chunks, groups, bucket, sync_s, sync)
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, dict(groups=groups.describe(), paths=paths))
     if groups.rank == 0:
         print("RESULT " + json.dumps(dict(layout=f"{args.tp}x{args.pp}", delivered=delivered, sync_s=sync_s,
                                           copy_s=copy_s, fresh_s=fresh_s, buckets=len(sync.buckets),
-                                          transport=type(sync.transport).__name__, largest=largest)), flush=True)
+                                          transport=type(sync.transport).__name__, largest=largest,
+                                          ranks=per_rank)), flush=True)
     destroy_parallel()
 
 
@@ -114,10 +199,11 @@ def main() -> None:
     print(f"preset {args.preset}, bucket {args.bucket_mb} MiB, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(f"{'TPxPP':>6} {'GB/rank':>8} {'buckets':>8} {'sync s':>8} {'sync GB/s':>10} {'copy GB/s':>10} "
           f"{'ratio':>6} {'fresh GB/s':>11} {'ratio':>6}")
-    transports = set()
+    transports, results = set(), []
     for layout in args.layouts:
         tp, pp = map(int, layout.split("x"))
         r = run_layout(args, tp, pp)
+        results.append(r)
         gb = r["delivered"] / 1e9
         transports.add(r["transport"])
         print(f"{layout:>6} {gb:8.2f} {r['buckets']:8d} {r['sync_s']:8.2f} {gb / r['sync_s']:10.2f} "
@@ -125,6 +211,22 @@ def main() -> None:
               f"{r['sync_s'] / r['fresh_s']:6.2f}", flush=True)
     print(f"transport(s) used: {', '.join(sorted(transports))} (TP = PP = 1 moves nothing: the parameters "
           f"themselves are streamed)")
+    print_paths(results)
+
+
+def print_paths(results: list[dict]) -> None:
+    print("\npaths per rank (rollout TP = trainer TP): GB received / sent through the transport, measured "
+          "(formula), sync s, time ratio to full (to full-coll)")
+    for r in results:
+        for rank in r["ranks"]:
+            paths = rank["paths"]
+            for path, p in paths.items():
+                ratio = p["seconds"] / paths["full"]["seconds"]
+                coll = f" ({p['seconds'] / paths['full-coll']['seconds']:.2f})" if "full-coll" in paths else ""
+                gb = {k: p[k] / 1e9 for k in ("received", "formula_received", "sent", "formula_sent")}
+                print(f"{r['layout']:>6} {rank['groups']:<38} {path:<9} recv {gb['received']:7.3f} "
+                      f"({gb['formula_received']:7.3f})  sent {gb['sent']:7.3f} ({gb['formula_sent']:7.3f})"
+                      f"  {p['seconds']:7.2f} s  x{ratio:.2f}{coll}", flush=True)
 
 
 if __name__ == "__main__":

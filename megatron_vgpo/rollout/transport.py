@@ -18,6 +18,14 @@ bucket's pipeline stage: ``{name: tensor of e.full_shape}``. Two implementations
   concatenation, no per-rank buffer, instead of a trip through gloo's TCP loopback (3-10x slower than
   the copy, measured on the 2-core CPU machine). Host-wide: two buckets of shared memory.
 
+The shard-to-shard path (rollout TP = trainer TP, see ``weight_sync.py``) has its own
+``ShardTransport``: no TP gather, only this rank's pieces of the bucket, broadcast over the PP group
+by the owning stage's rank with the same TP rank.
+
+Every transport counts what this rank sends and receives through it (``traffic``, per sync; logical
+bytes: a broadcast root sends the bucket once to each of its peers, a shared-memory write is sent,
+what a rank reads that others wrote is received).
+
 Validity of the returned tensors (``overwritten_next(tensor)`` says whether the next ``exchange``
 overwrites one): ``CollectiveTransport``'s views stay valid until the next ``exchange``;
 ``SharedMemoryTransport``'s until two more buckets have been exchanged (the barrier before bucket
@@ -34,6 +42,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
 
 import torch
@@ -44,8 +53,17 @@ from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Traffic:
+    """Bytes this rank sent and received through a transport during one sync."""
+
+    sent: int = 0
+    received: int = 0
+
+
 class Transport(Protocol):
     is_open: bool
+    traffic: Traffic
 
     def open(self, bucket_bytes: list[int]) -> None:
         """Allocate the transport memory for a sync whose buckets move these bytes (``layout``), in order."""
@@ -96,6 +114,21 @@ def _view(memory: torch.Tensor, offset: int, e, shape: tuple[int, ...]) -> torch
     return memory[offset: offset + e.numel * e.dtype.itemsize].view(e.dtype).view(shape)
 
 
+def _nbytes(entries) -> int:
+    return sum(e.numel * e.dtype.itemsize for e in entries)
+
+
+def _gather_tp(groups, tp_ranks: list[int], by_broadcast: bool, rows: torch.Tensor, shard: torch.Tensor) -> None:
+    """Every TP rank's ``shard`` into ``rows`` (``[tp, shard.numel()]``, rank-major). On gloo one
+    broadcast per TP rank: gloo's all-gather is several times slower than its broadcast."""
+    if by_broadcast:
+        rows[groups.tp_rank].copy_(shard.reshape(-1))
+        for r, src in enumerate(tp_ranks):
+            dist.broadcast(rows[r], src=src, group=groups.tp_group)
+    else:
+        dist.all_gather_into_tensor(rows.view(-1), shard.reshape(-1).contiguous(), group=groups.tp_group)
+
+
 # ---- collectives ---------------------------------------------------------------------------------
 
 class _Unsharded(Mapping):
@@ -125,7 +158,7 @@ class _Unsharded(Mapping):
 
 class CollectiveTransport:
     def __init__(self, groups, device: torch.device):
-        self.groups, self.device, self.buffer = groups, device, None
+        self.groups, self.device, self.buffer, self.traffic = groups, device, None, Traffic()
         self.tp_ranks = dist.get_process_group_ranks(groups.tp_group) if groups.tp_size > 1 else [groups.rank]
         self.tp_by_broadcast = groups.tp_size > 1 and dist.get_backend(groups.tp_group) == "gloo"
 
@@ -133,6 +166,7 @@ class CollectiveTransport:
         # One buffer for every bucket: a fresh 256 MiB allocation per bucket costs page faults on CPU
         # (torch.empty(...).copy_() runs at a third of the speed of a copy into touched memory).
         self.buffer = torch.empty(max(bucket_bytes), dtype=torch.uint8, device=self.device)
+        self.traffic = Traffic()
 
     def exchange(self, bucket, moved: list, local: dict) -> Mapping[str, torch.Tensor]:
         g = self.groups
@@ -141,17 +175,20 @@ class CollectiveTransport:
         if g.pp_rank == bucket.stage:
             with torch.no_grad():
                 for e in moved:
-                    shard = local[e.name].detach().reshape(-1)
+                    shard = local[e.name].detach()
                     if e.rows == 1:
-                        rows[e.name][0].copy_(shard)
-                    elif self.tp_by_broadcast:
-                        rows[e.name][g.tp_rank].copy_(shard)
-                        for r, src in enumerate(self.tp_ranks):
-                            dist.broadcast(rows[e.name][r], src=src, group=g.tp_group)
+                        rows[e.name][0].copy_(shard.reshape(-1))
                     else:
-                        dist.all_gather_into_tensor(rows[e.name].view(-1), shard.contiguous(), group=g.tp_group)
+                        _gather_tp(g, self.tp_ranks, self.tp_by_broadcast, rows[e.name], shard)
+                        peers_bytes = (e.rows - 1) * e.numel // e.rows * e.dtype.itemsize
+                        self.traffic.sent += peers_bytes  # this shard to each TP peer
+                        self.traffic.received += peers_bytes
         if g.pp_size > 1:
             dist.broadcast(self.buffer[:total], src=g.pp_ranks[bucket.stage], group=g.pp_group)
+            if g.pp_rank == bucket.stage:
+                self.traffic.sent += (g.pp_size - 1) * _nbytes(moved)
+            else:
+                self.traffic.received += _nbytes(moved)
         return _Unsharded(moved, {e.name: rows[e.name].view(e.rows, *e.shard_shape) for e in moved})
 
     def overwritten_next(self, tensor: torch.Tensor) -> bool:
@@ -175,7 +212,7 @@ class SharedMemoryTransport:
     of the replicated ones. See the module docstring for how long the tensors stay valid."""
 
     def __init__(self, groups):
-        self.groups, self.segments, self.exchanges = groups, (), 0
+        self.groups, self.segments, self.exchanges, self.traffic = groups, (), 0, Traffic()
         self.creator = dist.get_process_group_ranks(groups.mp_group)[0]
 
     @staticmethod
@@ -188,7 +225,7 @@ class SharedMemoryTransport:
     def open(self, bucket_bytes: list[int]) -> None:
         even, odd = self.segment_bytes(bucket_bytes)
         memory = self._map(even + odd)
-        self.segments, self.exchanges = (memory[:even], memory[even:]), 0
+        self.segments, self.exchanges, self.traffic = (memory[:even], memory[even:]), 0, Traffic()
 
     def _map(self, nbytes: int) -> torch.Tensor:
         """A fresh ``/dev/shm`` file of ``nbytes``, mapped by every rank of the group (uint8).
@@ -222,16 +259,17 @@ class SharedMemoryTransport:
         if self.exchanges >= 2:
             dist.barrier(group=group)  # every rank is done with the bucket before last (same segment)
         self.exchanges += 1
-        if g.pp_rank == bucket.stage:
-            self._write(moved, full, local)
+        written = self._write(moved, full, local) if g.pp_rank == bucket.stage else 0
         dist.barrier(group=group)  # every shard is written
+        self.traffic.sent += written
+        self.traffic.received += _nbytes(moved) - written  # read in place, written by the others
         return full
 
-    def _write(self, moved: list, full: dict[str, torch.Tensor], local: dict) -> None:
+    def _write(self, moved: list, full: dict[str, torch.Tensor], local: dict) -> int:
         """This rank's part of the bucket: its shard of each partitioned parameter, and the replicated
-        parameters ``_writers`` gives it."""
+        parameters ``_writers`` gives it. Returns the bytes written."""
         g = self.groups
-        writers = _writers(moved, g.tp_size)
+        writers, written = _writers(moved, g.tp_size), 0
         with torch.no_grad():
             for e in moved:
                 shard = local[e.name].detach()
@@ -239,6 +277,10 @@ class SharedMemoryTransport:
                     nm.write_shard(e.name, full[e.name], shard, g.tp_rank, e.rows)
                 elif writers[e.name] == g.tp_rank:
                     full[e.name].copy_(shard)
+                else:
+                    continue
+                written += shard.numel() * shard.element_size()
+        return written
 
     def overwritten_next(self, tensor: torch.Tensor) -> bool:
         return False  # the next bucket goes to the other segment
@@ -251,6 +293,66 @@ class SharedMemoryTransport:
         # No barrier: nothing is written after the last exchange, and a mapping lives as long as a
         # view of it does, so whatever a rank still holds stays intact.
         self.segments = ()
+
+
+# ---- shard to shard ------------------------------------------------------------------------------
+
+class ShardTransport:
+    """The shard-to-shard path's transport (rollout TP = trainer TP, ``weight_sync.py``): a rank of a
+    stage that does not own the bucket receives its own pieces of it (``pieces``: what its engine TP
+    rank loads) from the owning stage's rank with the same TP rank, a member of its pipeline group:
+    a broadcast over the PP group, since every other stage needs the same pieces. One reused buffer
+    of the largest bucket's pieces; the views returned stay valid until the next ``exchange``.
+
+    ``gather`` is the one TP collective: the full tensor of a parameter whose Megatron shards do not
+    line up with the engine's (the vocabulary, when Megatron's padding differs from vLLM's)."""
+
+    def __init__(self, groups, device: torch.device):
+        self.groups, self.device, self.buffer, self.traffic = groups, device, None, Traffic()
+        self.tp_ranks = dist.get_process_group_ranks(groups.tp_group) if groups.tp_size > 1 else [groups.rank]
+        self.tp_by_broadcast = groups.tp_size > 1 and dist.get_backend(groups.tp_group) == "gloo"
+
+    def open(self, bucket_bytes: list[int]) -> None:
+        self.buffer = torch.empty(max(bucket_bytes, default=0), dtype=torch.uint8, device=self.device)
+        self.traffic = Traffic()
+
+    def exchange(self, stage: int, pieces: list, tensors: Optional[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """This rank's ``pieces`` of a bucket of pipeline stage ``stage`` (objects with ``name``,
+        ``shape``, ``numel`` and ``dtype``): ``tensors`` on that stage (returned as they are), views
+        of the received bytes elsewhere. Collective over the PP group."""
+        g = self.groups
+        offsets, total = layout(pieces)
+        views = [_view(self.buffer, offsets[p.name], p, p.shape) for p in pieces]
+        if g.pp_rank == stage:
+            with torch.no_grad():
+                for view, tensor in zip(views, tensors):
+                    view.copy_(tensor)
+            self.traffic.sent += (g.pp_size - 1) * _nbytes(pieces)
+        else:
+            self.traffic.received += _nbytes(pieces)
+        dist.broadcast(self.buffer[:total], src=g.pp_ranks[stage], group=g.pp_group)
+        return tensors if g.pp_rank == stage else views
+
+    def gather(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+        """The full Megatron tensor of a TP-partitioned parameter, from every TP rank's ``shard``."""
+        g = self.groups
+        rows = shard.new_empty(g.tp_size, shard.numel())
+        with torch.no_grad():
+            _gather_tp(g, self.tp_ranks, self.tp_by_broadcast, rows, shard.detach())
+        nbytes = (g.tp_size - 1) * shard.numel() * shard.element_size()
+        self.traffic.sent += nbytes
+        self.traffic.received += nbytes
+        return nm.unshard(name, list(rows.view(g.tp_size, *shard.shape)))
+
+    def overwritten_next(self, tensor: torch.Tensor) -> bool:
+        return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
+
+    @property
+    def is_open(self) -> bool:
+        return self.buffer is not None
+
+    def close(self) -> None:
+        self.buffer = None
 
 
 def _writers(moved: list, tp_size: int) -> dict[str, int]:

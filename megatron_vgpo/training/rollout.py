@@ -1,11 +1,14 @@
 """The rollout side of a step: prompts -> responses -> rewards -> DAPO dynamic sampling, validation,
 weight sync, and which data-parallel rank trains on which groups.
 
-Every rank calls the same methods in the same order (the engine's collectives and the broadcast of
-rewards need it) and ends up holding the same ``RolloutStep``. A step's rows refer to their prompt's
+Every rank calls the same methods in the same order (the engine's collectives and the all-gather of
+grades need it) and ends up holding the same ``RolloutStep``. A step's rows refer to their prompt's
 ``PromptExample`` (one object shared by the ``n`` responses); images are decoded only where pixels
-are used: for generation, by the ranks of the rollout group that generates the prompt; for training,
-by ``Experience`` building on the first pipeline stage of the data-parallel rank that trains it.
+are used: for generation, by the ranks of the rollout group that generates the prompt (in a
+background thread, while the engine generates the batch before); for training, by ``Experience``
+building on the first pipeline stage of the data-parallel rank that trains it. Every rank grades a
+share of each batch (``rewards/distributed.py``), while the engine generates the next batch when
+dynamic sampling will most likely need it (``Rollouts.sample``).
 
 Colocation (engine and trainer share the devices), one step::
 
@@ -17,18 +20,19 @@ Colocation (engine and trainer share the devices), one step::
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megatron_vgpo.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
-from megatron_vgpo.data import iter_val_batches
+from megatron_vgpo.data.loader import val_batch_ranges
+from megatron_vgpo.data.prefetch import ImagePrefetcher, Prepared
 from megatron_vgpo.models.qwen2_5_vl.pixels import PixelSpec
+from megatron_vgpo.rewards.distributed import DistributedGrader, PendingGrades, rank_scorer
 from megatron_vgpo.rollout.data_parallel import generate_data_parallel, share
 from megatron_vgpo.rollout.metrics import logprob_mismatch
-from megatron_vgpo.rollout.types import RolloutRequest, SamplingParams
+from megatron_vgpo.rollout.types import RolloutBatch, RolloutRequest, SamplingParams
 from megatron_vgpo.utils.device import empty_cache
 
 logger = logging.getLogger(__name__)
@@ -77,102 +81,222 @@ class RolloutStep:
         return rows, minibatches
 
 
-def _request(example) -> RolloutRequest:
-    """The engine request of a prompt: its token ids (image pads expanded; the engine collapses
-    them) and its images, decoded now."""
-    return RolloutRequest(example.input_ids.tolist(), example.load_images())
+@dataclass
+class _Generated:
+    """A generated rollout batch of the sampling loop, with what generating it took."""
+
+    indices: list[int]  # dataset indices of its prompts (its loader batch)
+    prepared: Prepared  # its examples and this rollout group's decoded images
+    batch: RolloutBatch
+
+    @property
+    def examples(self) -> list:
+        return self.prepared.examples
+
+
+@dataclass
+class _Tally:
+    """What the sampled batches of a step add up to (``sample``'s metrics)."""
+
+    sampled: int = 0
+    passed: int = 0
+    accuracy: list = field(default_factory=list)
+    format: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    errors: int = 0  # grading calls that raised (scored 0)
+    timeouts: int = 0  # grading calls that ran past reward.timeout_s (scored 0)
+    clipped: int = 0
+
+    def metrics(self, out: RolloutStep) -> dict:
+        n = len(self.lengths)
+        return {
+            "reward/accuracy": sum(self.accuracy) / n, "reward/format": sum(self.format) / n,
+            "reward/error_rate": self.errors / n, "reward/timeout_rate": self.timeouts / n,
+            "response_length/mean": sum(self.lengths) / n, "response_length/max": float(max(self.lengths)),
+            "response_length/clip_ratio": self.clipped / n, "batch/kept_groups": float(self.passed),
+            "batch/trained_groups": float(len(out.group_order)), "batch/sampled_batches": float(self.sampled),
+        }
 
 
 class Rollouts:
-    """Engine, tokenizer, data, rewards and the resharder, driven by the trainer."""
+    """Engine, tokenizer, data, rewards and the resharder, driven by the trainer.
+
+    ``scorer``: this rank's ``RewardScorer`` (None: one is built from ``cfg.reward``, its pool sized to
+    the node); every rank grades a share of each batch.
+    """
+
+    PASS_RATE_WINDOW = 8
+    """Recent batches whose dynamic-sampling pass rates decide speculation (``_worth_speculating``)."""
 
     def __init__(self, cfg, engine, resharder, processor, train_loader, scorer, groups, rollout_groups):
         self.cfg, self.engine, self.resharder, self.processor = cfg, engine, resharder, processor
-        self.train_loader, self.scorer, self.groups, self.rollout_groups = train_loader, scorer, groups, rollout_groups
+        self.train_loader, self.groups, self.rollout_groups = train_loader, groups, rollout_groups
+        self.grader = DistributedGrader(scorer if scorer is not None else rank_scorer(cfg.reward))
+        self.prefetcher = ImagePrefetcher()
         tok = processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
         self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.next_group_id = 0
+        self.speculate = True
+        """Generate a dynamic-sampling batch while the one before is graded (``_worth_speculating``)."""
+        self._pass_rates: deque[float] = deque(maxlen=self.PASS_RATE_WINDOW)
+
+    # ------------------------------------------------------------------------------ engine inputs
+
+    def _share_positions(self, num_prompts: int) -> range:
+        """Positions in a batch of the prompts this rank's rollout group generates."""
+        return range(num_prompts)[share(num_prompts, self.rollout_groups.dp_rank, self.rollout_groups.dp_size)]
+
+    def _prefetch(self, key, make_examples) -> None:
+        """Start decoding this rollout group's images of the batch ``make_examples()`` (named ``key``)."""
+        if key not in self.prefetcher:
+            examples = make_examples()
+            self.prefetcher.start(key, examples, self._share_positions(len(examples)))
+
+    def _inputs(self, key, make_examples) -> Prepared:
+        """The batch ``key``: from the prefetcher, or built and decoded now."""
+        prepared = self.prefetcher.take(key)
+        if prepared is None:
+            examples = make_examples()
+            prepared = Prepared(examples, {p: examples[p].load_images()
+                                           for p in self._share_positions(len(examples))})
+        return prepared
+
+    def _generate(self, prepared: Prepared, sampling: SamplingParams) -> RolloutBatch:
+        """Responses to the batch (every rank gets them all); this rank's rollout group makes the
+        requests of its share of the prompts, with the images ``prepared`` holds."""
+        images = {id(prepared.examples[p]): im for p, im in prepared.images.items()}
+
+        def request(example) -> RolloutRequest:
+            mine = images.get(id(example))
+            return RolloutRequest(example.input_ids.tolist(), mine if mine is not None else example.load_images())
+
+        return generate_data_parallel(self.engine, prepared.examples, sampling, self.rollout_groups, request)
+
+    def _train_examples(self, indices: list[int]):
+        return lambda: [self.train_loader.dataset[i] for i in indices]
+
+    # ---------------------------------------------------------------------------------- grading
+
+    def _submit_grading(self, examples, batch: RolloutBatch) -> PendingGrades:
+        """Start grading this rank's share of ``batch`` in the background (collect with ``result()``)."""
+        rows = range(len(batch))[self.grader.share(len(batch))]
+        texts = self.processor.tokenizer.batch_decode([batch.response_token_ids[r] for r in rows],
+                                                      skip_special_tokens=True)
+        ex = [examples[batch.request_index[r]] for r in rows]
+        return self.grader.submit(texts, [e.answer for e in ex],
+                                  [{"row_id": e.row_id, "source": e.source, "problem": e.problem} for e in ex])
 
     # ---------------------------------------------------------------------------------- sampling
 
-    def _generate(self, examples, sampling: SamplingParams):
-        """Responses to ``examples`` (every rank gets them all); a rank decodes only the images of
-        the prompts its rollout group generates."""
-        return generate_data_parallel(self.engine, examples, sampling, self.rollout_groups, _request)
+    def _generate_batch(self, step: int, attempt: int, max_batches: int, take: bool) -> _Generated:
+        """Generate the loader's next batch as dynamic-sampling attempt ``attempt``. ``take``: take it
+        from the loader (its position moves); else only peek at it (a speculative batch, taken by
+        ``_keep`` when it is needed). The images of the batch after it are decoded meanwhile."""
+        loader = self.train_loader
+        indices = loader.next_indices() if take else loader.peek_indices()
+        prepared = self._inputs(("train", tuple(indices)), self._train_examples(indices))
+        if attempt + 1 < max_batches:
+            after = loader.peek_indices(ahead=0 if take else 1)
+            self._prefetch(("train", tuple(after)), self._train_examples(after))
+        seed = self.cfg.rollout.seed + (step * 1000 + attempt) * 100003
+        sampling = SamplingParams.from_rollout_config(self.cfg.rollout, seed=seed)
+        return _Generated(indices, prepared, self._generate(prepared, sampling))
 
-    def _score(self, examples, batch) -> list:
-        """Grade on rank 0 (its worker processes hold the timeouts) and broadcast the results."""
-        results = [None]
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            texts = self.processor.tokenizer.batch_decode(batch.response_token_ids, skip_special_tokens=True)
-            ex = [examples[i] for i in batch.request_index]
-            results = [self.scorer.score(texts, [e.answer for e in ex],
-                                         [{"row_id": e.row_id, "source": e.source, "problem": e.problem} for e in ex])]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(results, src=0)
-        return results[0]
+    def _keep(self, ahead: _Generated) -> _Generated:
+        """Take a speculative batch from the loader: it is needed."""
+        taken = self.train_loader.next_indices()
+        assert taken == ahead.indices, "the loader moved under a speculative batch"
+        return ahead
+
+    def _drop(self, ahead: _Generated) -> None:
+        """A speculative batch that is not needed: its responses are dropped, the loader never took
+        it (it is the next step's first batch), and its decoded images are kept for that batch."""
+        self.prefetcher.put_back(("train", tuple(ahead.indices)), ahead.prepared)
+
+    def _worth_speculating(self, kept_groups: int, batch_groups: int) -> bool:
+        """Generate the next batch before this one is graded only when it will most likely be needed:
+        even at the highest pass rate of the recent batches this one would not fill the step. A wrong
+        guess costs a batch of engine time, a missed overlap only the grading time; neither changes
+        the result. The rates are the same on every rank (the grades are all-gathered)."""
+        rate = max(self._pass_rates, default=1.0)
+        return self.speculate and kept_groups + rate * batch_groups < self.cfg.data.rollout_batch_size
 
     def sample(self, step: int, timer) -> RolloutStep:
         """Rollout batches until ``data.rollout_batch_size`` groups survive dynamic sampling (or
-        ``max_batches`` were sampled); keeps a multiple of the data-parallel size of groups."""
-        cfg, alg = self.cfg, self.cfg.algorithm
-        dyn = alg.dynamic_sampling
-        out = RolloutStep()
-        sampled, passed, acc_all, fmt_all, lengths, clipped = 0, 0, [], [], [], 0
-        errors, timeouts = 0, 0  # grading calls that raised / ran past reward.timeout_s (scored 0)
-        for attempt in range(dyn.max_batches if dyn.enable else 1):
-            examples = self.train_loader.next_batch()
-            seed = cfg.rollout.seed + (step * 1000 + attempt) * 100003
-            sampling = SamplingParams.from_rollout_config(cfg.rollout, seed=seed)
-            batch = self._generate(examples, sampling)
-            results = timer.time("reward", self._score, examples, batch)
-            sampled += 1
-            gids = [self.next_group_id + i for i in batch.request_index]
-            self.next_group_id += len(examples)
-            acc = torch.tensor([r.accuracy for r in results], dtype=torch.float32)
-            rewards = torch.tensor([r.total for r in results], dtype=torch.float32)
-            lens = torch.tensor(batch.response_lengths)
-            if alg.overlong.enable:
-                rewards += overlong_penalty(lens, cfg.rollout.max_response_length, alg.overlong.buffer_length,
-                                            alg.overlong.penalty_factor)
-            acc_all += acc.tolist()
-            fmt_all += [r.format for r in results]
-            errors += sum(r.error is not None for r in results)
-            timeouts += sum(r.timed_out for r in results)
-            lengths += lens.tolist()
-            clipped += sum(f == "length" for f in batch.finish_reasons)
-            keep = dynamic_sampling_keep(acc, torch.tensor(gids)) if dyn.enable else torch.ones(len(gids), dtype=torch.bool)
-            passed += len({gids[r] for r in torch.nonzero(keep).flatten().tolist()})
-            last_chance = attempt == (dyn.max_batches if dyn.enable else 1) - 1
-            if last_chance and not out.group_order and not keep.any():
-                # Nothing survived any batch: train on this one anyway. Its groups have zero advantage,
-                # so the step is a no-op for the policy, but the loop, logs and checkpoints go on.
-                logger.warning("dynamic sampling kept no group in %d batches; using the last batch", attempt + 1)
-                keep = torch.ones(len(gids), dtype=torch.bool)
-            for r in torch.nonzero(keep).flatten().tolist():
-                out.prompts.append(examples[batch.request_index[r]])
-                out.responses.append(batch.response_token_ids[r])
-                out.response_logprobs.append(batch.response_logprobs[r])
-                out.group_ids.append(gids[r])
-                out.rewards.append(float(rewards[r]))
-                if gids[r] not in out.group_order:
-                    out.group_order.append(gids[r])
-            if len(out.group_order) >= cfg.data.rollout_batch_size:
+        ``max_batches`` were sampled); keeps a multiple of the data-parallel size of groups.
+
+        Overlapped, with the results of the plain loop (generate, grade, filter, repeat): a batch is
+        graded on every rank's share while the engine generates the next one (when that one is worth
+        speculating on), and each batch's images are decoded while the one before generates. A batch
+        is taken from the loader, and gets its group ids, only once it is known to be needed; its seed
+        depends on ``(step, attempt)`` alone. So the batches, seeds, group ids and loader position
+        are those of the plain loop, and a resumed run continues exactly."""
+        cfg, dyn = self.cfg, self.cfg.algorithm.dynamic_sampling
+        max_batches = dyn.max_batches if dyn.enable else 1
+        out, tally = RolloutStep(), _Tally()
+        current = self._generate_batch(step, 0, max_batches, take=True)
+        for attempt in range(max_batches):
+            grading = self._submit_grading(current.examples, current.batch)
+            ahead = None
+            if attempt + 1 < max_batches and self._worth_speculating(len(out.group_order), len(current.examples)):
+                ahead = self._generate_batch(step, attempt + 1, max_batches, take=False)
+            with timer("reward"):
+                results = grading.result()
+            self._add_batch(out, tally, current, results, last_chance=attempt == max_batches - 1)
+            if len(out.group_order) >= cfg.data.rollout_batch_size or attempt == max_batches - 1:
+                if ahead is not None:
+                    self._drop(ahead)
                 break
+            current = (self._keep(ahead) if ahead is not None
+                       else self._generate_batch(step, attempt + 1, max_batches, take=True))
         self._truncate(out, cfg.data.rollout_batch_size)
+        if step + 1 < cfg.trainer.total_steps:  # the next step's first batch decodes while this one trains
+            first = self.train_loader.peek_indices()
+            self._prefetch(("train", tuple(first)), self._train_examples(first))
         self.sleep()  # training next
-        n = len(lengths)
-        out.metrics = {
-            "reward/accuracy": sum(acc_all) / n, "reward/format": sum(fmt_all) / n,
-            "reward/error_rate": errors / n, "reward/timeout_rate": timeouts / n,
-            "response_length/mean": sum(lengths) / n, "response_length/max": float(max(lengths)),
-            "response_length/clip_ratio": clipped / n, "batch/kept_groups": float(passed),
-            "batch/trained_groups": float(len(out.group_order)),
-            "batch/sampled_batches": float(sampled),
-        }
+        out.metrics = tally.metrics(out)
         return out
+
+    def _add_batch(self, out: RolloutStep, tally: _Tally, generated: _Generated, results: list,
+                   last_chance: bool) -> None:
+        """Give a graded batch its group ids, add it to the tally, and its surviving groups to ``out``."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        examples, batch = generated.examples, generated.batch
+        tally.sampled += 1
+        gids = [self.next_group_id + i for i in batch.request_index]
+        self.next_group_id += len(examples)
+        acc = torch.tensor([r.accuracy for r in results], dtype=torch.float32)
+        rewards = torch.tensor([r.total for r in results], dtype=torch.float32)
+        lens = torch.tensor(batch.response_lengths)
+        if alg.overlong.enable:
+            rewards += overlong_penalty(lens, cfg.rollout.max_response_length, alg.overlong.buffer_length,
+                                        alg.overlong.penalty_factor)
+        tally.accuracy += acc.tolist()
+        tally.format += [r.format for r in results]
+        tally.errors += sum(r.error is not None for r in results)
+        tally.timeouts += sum(r.timed_out for r in results)
+        tally.lengths += lens.tolist()
+        tally.clipped += sum(f == "length" for f in batch.finish_reasons)
+        dyn = alg.dynamic_sampling.enable
+        keep = dynamic_sampling_keep(acc, torch.tensor(gids)) if dyn else torch.ones(len(gids), dtype=torch.bool)
+        passed = len({gids[r] for r in torch.nonzero(keep).flatten().tolist()})
+        tally.passed += passed
+        self._pass_rates.append(passed / max(len(examples), 1))
+        if last_chance and not out.group_order and not keep.any():
+            # Nothing survived any batch: train on this one anyway. Its groups have zero advantage,
+            # so the step is a no-op for the policy, but the loop, logs and checkpoints go on.
+            logger.warning("dynamic sampling kept no group in %d batches; using the last batch", tally.sampled)
+            keep = torch.ones(len(gids), dtype=torch.bool)
+        for r in torch.nonzero(keep).flatten().tolist():
+            out.prompts.append(examples[batch.request_index[r]])
+            out.responses.append(batch.response_token_ids[r])
+            out.response_logprobs.append(batch.response_logprobs[r])
+            out.group_ids.append(gids[r])
+            out.rewards.append(float(rewards[r]))
+            if gids[r] not in out.group_order:
+                out.group_order.append(gids[r])
 
     def _truncate(self, out: RolloutStep, max_groups: int) -> None:
         """Keep at most ``max_groups`` groups, a multiple of the DP size (every rank needs rows)."""
@@ -198,21 +322,36 @@ class Rollouts:
         blocks go back to the device first, so that the engine's weights and KV cache fit."""
         empty_cache()
         self.engine.wake_up(["weights"])
-        self.engine.update_weights(self.resharder.hf_weights())
+        self.engine.update_weights(self.resharder.engine_weights())
         self.engine.wake_up(["kv_cache"])
 
     def validate(self, val_set) -> dict:
-        """Greedy accuracy per validation dataset (``val/accuracy/<name>``) and over all."""
+        """Greedy accuracy per validation dataset (``val/accuracy/<name>``) and over all. A chunk is
+        graded while the next one generates, and its images decode while the one before generates."""
         sampling = SamplingParams.from_rollout_config(self.cfg.rollout, validation=True, seed=self.cfg.rollout.seed)
+        chunks = val_batch_ranges(len(val_set), self.cfg.data.val_batch_size)
         correct: dict[str, list[float]] = {}
-        for chunk in iter_val_batches(val_set, self.cfg.data.val_batch_size):
-            batch = self._generate(chunk, sampling)
-            for r, res in zip(batch.request_index, self._score(chunk, batch)):
-                correct.setdefault(chunk[r].source, []).append(res.accuracy)
+        pending = None
+        for k, rows in enumerate(chunks):
+            prepared = self._inputs(("val", id(val_set), rows.start), lambda: [val_set[i] for i in rows])
+            if k + 1 < len(chunks):
+                after = chunks[k + 1]
+                self._prefetch(("val", id(val_set), after.start), lambda: [val_set[i] for i in after])
+            batch = self._generate(prepared, sampling)
+            if pending is not None:
+                self._count_correct(correct, *pending)
+            pending = (prepared.examples, batch, self._submit_grading(prepared.examples, batch))
+        if pending is not None:
+            self._count_correct(correct, *pending)
         metrics = {f"val/accuracy/{name}": sum(v) / len(v) for name, v in correct.items()}
         every = [a for v in correct.values() for a in v]
         metrics["val/accuracy"] = sum(every) / max(len(every), 1)
         return metrics
+
+    @staticmethod
+    def _count_correct(correct: dict, examples, batch: RolloutBatch, grading: PendingGrades) -> None:
+        for r, res in zip(batch.request_index, grading.result()):
+            correct.setdefault(examples[r].source, []).append(res.accuracy)
 
     def mismatch_metrics(self, exp) -> dict:
         """rollout/logprob_mismatch_{mean,max}: engine vs trainer log-probs of the sampled tokens."""
@@ -227,3 +366,4 @@ class Rollouts:
     def load_state_dict(self, state: dict) -> None:
         self.train_loader.load_state_dict(state["loader"])
         self.next_group_id = state["next_group_id"]
+        self.prefetcher.clear()  # decoded for the old position
