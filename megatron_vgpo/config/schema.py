@@ -11,7 +11,7 @@ Each component receives only its own sub-config (``cfg.algorithm.vgpo`` goes to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from megatron_vgpo.algorithms.vgpo import VGPOConfig
 from megatron_vgpo.methods.entropy import EntropyShapingConfig
@@ -49,6 +49,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = doc(1, "Pipeline-parallel size (PP); the vision tower sits on stage 0.")
     virtual_pipeline_model_parallel_size: Optional[int] = doc(
         None, "Model chunks per pipeline rank (interleaved schedule); null disables it.")
+    first_stage_layers: Union[Literal["auto"], int, None] = doc(
+        None, "Decoder layers of pipeline stage 0 (which also runs the vision tower); 'auto': the FLOP model's "
+              "balanced choice (planning/flops.py); null: an even share. The other stages split the rest evenly.")
+    last_stage_layers: Union[Literal["auto"], int, None] = doc(
+        None, "Decoder layers of the last pipeline stage (which also runs the output layer); 'auto' or null as above.")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs TP > 1).")
     backend: Literal["auto", "nccl", "gloo"] = doc("auto", "torch.distributed backend; 'auto': nccl on GPU, gloo on CPU.")
     timeout_minutes: int = doc(30, "Collective timeout in minutes.")
@@ -153,14 +158,18 @@ class DataConfig:
     val_batch_size: int = doc(1024, "Prompts per validation batch; -1: the whole validation set.")
     shuffle: bool = doc(True, "Shuffle the training set each epoch.")
     seed: int = doc(1, "Seed of the data order.")
+    scan_cache: bool = doc(True, "Cache each file's scan (usable rows, prompt lengths, image sizes): rank 0 scans once, other ranks and later starts reuse it.")
+    scan_cache_dir: str = doc("", "Directory of the scan caches; empty: beside each data file (set it for read-only data).")
 
 
 @dataclass
 class RewardConfig:
-    grader: Literal["mathruler", "math_verify"] = doc("mathruler", "Grader of the last \\boxed{} answer.")
+    grader: Literal["mathruler", "math_verify", "lookback"] = doc(
+        "mathruler", "Grader of the last \\boxed{} answer (lookback: the VGPO paper's evaluation grader).")
     format_weight: float = doc(0.0, "Weight of the format reward (<think>...</think> then \\boxed{}); 0 disables it.")
     timeout_s: float = doc(5.0, "Wall-clock limit per grading call; a timeout scores 0.")
-    num_workers: int = doc(2, "Grading worker processes.")
+    num_workers: int = doc(2, "Grading worker processes per rank when auto_workers is false (every rank grades a share of each batch).")
+    auto_workers: bool = doc(True, "Size each rank's grading pool to its node: max(1, CPUs // ranks on the node // 2) workers.")
     custom_fn: str = doc("", "User reward as 'module:function'; replaces the accuracy grader when set.")
 
 

@@ -52,9 +52,16 @@ def _math_verify() -> Callable[[str, str], bool]:
     return grade
 
 
+def _lookback():
+    from megatron_vgpo.rewards.lookback import lookback_grade
+
+    return lookback_grade
+
+
 GRADERS: dict[str, Callable[[], Callable[[str, str], bool]]] = {
     "mathruler": _mathruler,
     "math_verify": _math_verify,
+    "lookback": _lookback,  # the VGPO paper's evaluation grader (rewards/lookback.py)
 }
 
 

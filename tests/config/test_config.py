@@ -89,6 +89,8 @@ def test_every_field_is_overridable(path, tp, default):
         overrides[0] = f"{path}=[entropy]"
     if path == "algorithm.loss_terms":
         overrides[0] = f"{path}=[papo]"
+    if path == "trainer.stop_signals":
+        overrides[0] = f"{path}=[SIGINT]"
     cfg = load_config(None, overrides)
     got = cfg
     for key in path.split("."):
