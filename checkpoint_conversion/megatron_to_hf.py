@@ -6,7 +6,9 @@
 Reads one tensor (one layer of a stacked tensor) at a time, whatever TP/PP layout wrote the
 checkpoint, and streams it into safetensors shards of at most ``--max-shard-size`` plus
 ``model.safetensors.index.json``; config, tokenizer and processor files come from the checkpoint's
-``hf_config/`` (or ``--hf-config``). The result loads with ``from_pretrained``. Logic:
+``hf_config/`` (or ``--hf-config``). The result loads with ``from_pretrained``. A damaged input is
+refused (exit 2) with an error naming the file: a training checkpoint is checked against the
+manifest in its ``complete.json``, a converted one against its ``.metadata``. Logic:
 ``megatron_vgpo.checkpoint``.
 """
 

@@ -179,15 +179,32 @@ def _check_shape(key: str, found: tuple, expected: tuple) -> None:
                          f"{expected} (a checkpoint of another config?)")
 
 
+def refuse_damaged(megatron_dir: Path) -> None:
+    """ValueError naming the damaged file of a Megatron checkpoint: a training checkpoint against the
+    manifest in its ``complete.json``, any other (``hf_to_megatron``'s) against its own ``metadata.json``
+    and ``.metadata`` (file sizes against the storage records). A directory without ``metadata.json``
+    is left to ``DistCheckpointReader``'s error (what a killed conversion leaves)."""
+    from megatron_vgpo.training.checkpointing import MARKER, CheckpointError, verify_megatron_dir
+
+    if not (megatron_dir / "metadata.json").is_file() and not (megatron_dir / MARKER).is_file():
+        return
+    try:
+        verify_megatron_dir(megatron_dir)
+    except CheckpointError as e:
+        raise ValueError(f"refusing to convert a damaged checkpoint: {e}") from None
+
+
 def megatron_to_hf(megatron_dir: str | Path, output: str | Path, dtype: Optional[torch.dtype] = None,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
                    hf_config_dir: Optional[str | Path] = None, progress: bool = True) -> Path:
     """Convert a Megatron ``torch_dist`` checkpoint of Qwen2.5-VL into an HF directory at ``output``.
 
     The config, tokenizer and processor files come from ``hf_config_dir`` (default: the checkpoint's
-    ``hf_config/``). ``dtype`` None keeps the stored dtypes.
+    ``hf_config/``). ``dtype`` None keeps the stored dtypes. A damaged input is refused first, with
+    an error naming the file (``refuse_damaged``).
     """
     megatron_dir = Path(megatron_dir)
+    refuse_damaged(megatron_dir)
     reader = DistCheckpointReader(megatron_dir)
     config_dir = Path(hf_config_dir) if hf_config_dir else megatron_dir / HF_CONFIG_DIR
     config = load_hf_config(config_dir)

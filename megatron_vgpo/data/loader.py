@@ -6,7 +6,9 @@ order never depends on how the run was interrupted; a batch never straddles two 
 ``len % batch_size`` examples of a shuffled epoch are left out, different ones each epoch). The
 position is ``(epoch, index)``, ``index`` counting examples already served in that epoch; the trainer
 checkpoints ``state_dict()`` and a resumed loader continues with exactly the next batch. Dynamic
-sampling just calls ``next_batch()`` again.
+sampling just calls ``next_batch()`` again. ``peek_indices()`` names the next batch without taking it
+(the rollout prepares, or speculatively generates, a batch before it knows it will use it): only
+what ``next_indices()`` took counts in the position.
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ class PromptDataLoader:
         self.index += self.batch_size
         return batch
 
+    def peek_indices(self, ahead: int = 0) -> list[int]:
+        """Dataset indices of the batch that ``next_indices()`` returns after ``ahead`` more calls;
+        the position does not move."""
+        epoch, index, order = self.epoch, self.index, self._order
+        for _ in range(ahead + 1):
+            if index + self.batch_size > len(order):
+                epoch, index = epoch + 1, 0
+                order = self._epoch_order(epoch)
+            batch = order[index:index + self.batch_size]
+            index += self.batch_size
+        return batch
+
     def next_batch(self) -> list[PromptExample]:
         return [self.dataset[i] for i in self.next_indices()]
 
@@ -67,14 +81,19 @@ class PromptDataLoader:
         self._order = self._epoch_order(self.epoch)
 
 
+def val_batch_ranges(num_examples: int, batch_size: int) -> list[range]:
+    """The dataset indices of each validation batch: file order, ``batch_size`` at a time (-1: all at once)."""
+    size = num_examples if batch_size == -1 else batch_size
+    if size < 1:
+        raise DatasetError(f"validation batch size must be >= 1 or -1, got {batch_size}")
+    return [range(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
+
+
 def iter_val_batches(dataset: PromptDataset, batch_size: int) -> Iterator[list[PromptExample]]:
     """The validation set in file order, ``batch_size`` examples at a time (-1: all at once).
     Each example's ``source`` names its file, for per-dataset accuracy."""
-    size = len(dataset) if batch_size == -1 else batch_size
-    if size < 1:
-        raise DatasetError(f"validation batch size must be >= 1 or -1, got {batch_size}")
-    for start in range(0, len(dataset), size):
-        yield [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+    for rows in val_batch_ranges(len(dataset), batch_size):
+        yield [dataset[i] for i in rows]
 
 
 def build_train_loader(cfg: DataConfig, processor, max_prompt_length: int) -> PromptDataLoader:

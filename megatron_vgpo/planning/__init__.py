@@ -1,5 +1,6 @@
 """Capacity planning: the model shapes (``architectures.py``), the memory model over them
-(``memory.py``) and its report for a config file (``report.py``)."""
+(``memory.py``), the FLOP model of the pipeline stages and its balanced split (``flops.py``) and the
+report for a config file (``report.py``)."""
 
 from megatron_vgpo.planning.architectures import (
     QWEN25_VL,
@@ -9,6 +10,15 @@ from megatron_vgpo.planning.architectures import (
     resolve_shape,
     shape_from_hf_config,
     total_params,
+)
+from megatron_vgpo.planning.flops import (
+    StageFlops,
+    Workload,
+    balanced_split,
+    imbalance,
+    resolve_split,
+    stage_flops,
+    workload_from_config,
 )
 from megatron_vgpo.planning.memory import (
     EnginePlan,
@@ -29,7 +39,8 @@ from megatron_vgpo.planning.report import config_plan, header_gpu, header_world_
 
 __all__ = [
     "QWEN25_VL", "ArchitectureError", "EnginePlan", "Gpu", "MemoryPlan", "ModelShape", "PhaseMemory", "Reserve",
-    "RolloutShapes", "TrainShapes", "VisionShape", "config_plan", "engine_plan", "header_gpu", "header_world_size",
-    "plan_from_config", "plan_memory", "render_plan", "resolve_shape", "rollout_memory", "shape_from_hf_config",
-    "total_params", "training_activations", "training_memory",
+    "RolloutShapes", "StageFlops", "TrainShapes", "VisionShape", "Workload", "balanced_split", "config_plan",
+    "engine_plan", "header_gpu", "header_world_size", "imbalance", "plan_from_config", "plan_memory", "render_plan",
+    "resolve_shape", "resolve_split", "rollout_memory", "shape_from_hf_config", "stage_flops", "total_params",
+    "training_activations", "training_memory", "workload_from_config",
 ]

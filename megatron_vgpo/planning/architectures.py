@@ -51,6 +51,8 @@ class VisionShape:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+    window_size: int = 112  # window attention's side in pixels (8 x 8 patches)
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # blocks with full attention over the image
 
     @property
     def pixels_per_patch(self) -> int:
@@ -120,7 +122,9 @@ def shape_from_hf_config(config: Any, name: str = "Qwen2.5-VL") -> ModelShape:
         out_hidden_size=get(vision, "out_hidden_size", hidden), patch_size=get(vision, "patch_size", 14),
         temporal_patch_size=get(vision, "temporal_patch_size", 2),
         spatial_merge_size=get(vision, "spatial_merge_size", 2),
-        in_channels=get(vision, "in_channels", None) or get(vision, "in_chans", 3))
+        in_channels=get(vision, "in_channels", None) or get(vision, "in_chans", 3),
+        window_size=get(vision, "window_size", 112),
+        fullatt_block_indexes=tuple(get(vision, "fullatt_block_indexes", (7, 15, 23, 31))))
     return ModelShape(
         name=name, num_layers=get(text, "num_hidden_layers"), hidden_size=hidden,
         ffn_hidden_size=get(text, "intermediate_size"), num_heads=get(text, "num_attention_heads"),

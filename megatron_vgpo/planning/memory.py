@@ -11,6 +11,9 @@ What each rank holds (the trainer's setup, ``training/actor.py``):
   by DP under Megatron's distributed optimizer). Stage 0 holds the embedding and the whole vision
   tower (replicated on every TP rank); the last stage the output layer (a copy of the embedding
   when tied and PP > 1). A frozen tower has weights only.
+- Decoder layers per stage: an even share, or Megatron's uneven first / last stage
+  (``ParallelLayout.split``; ``parallel.first_stage_layers: auto`` is resolved by the FLOP model,
+  ``flops.resolve_split``, before a config's plan is made).
 - Activations of the micro-batches in flight (``in_flight``): 1F1B keeps PP - p on stage p, the
   interleaved schedule Megatron's warm-up count + 1 model-chunk micro-batches. Per decoder layer see
   ``layer_activation_bytes``; with ``recompute`` a layer keeps only its input, and one layer's
@@ -160,7 +163,7 @@ class EnginePlan:
 @dataclass(frozen=True)
 class StagePlan:
     stage: int
-    layers: tuple[int, int]  # first, last (inclusive) decoder layer of the stage
+    layers: int  # decoder layers on the stage
     params: int  # parameters on one GPU of the stage
     in_flight: int  # micro-batches (model-chunk micro-batches when interleaved) with stored activations
     training: PhaseMemory
@@ -178,6 +181,7 @@ class MemoryPlan:
     stages: tuple[StagePlan, ...]
     problems: tuple[str, ...] = field(default=())
     reserve: Reserve = field(default_factory=Reserve)
+    stage_flops: tuple = field(default=())  # flops.StageFlops per stage (a config's plan at PP > 1), for the report
 
     @property
     def communicators(self) -> int:
@@ -316,15 +320,16 @@ def vllm_defaults(gpu: Gpu) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------- per stage
 
-def stage_layers(shape: ModelShape, layout: ParallelLayout, stage: int) -> tuple[int, int]:
-    per = shape.num_layers // layout.pp
-    return stage * per, (stage + 1) * per - 1
+def stage_layers(shape: ModelShape, layout: ParallelLayout, stage: int) -> int:
+    """Decoder layers of ``stage``: the even share, or the uneven split's count (``layout.split``,
+    resolved: ``flops.resolve_split`` turns 'auto' into counts)."""
+    return layout.stage_layers(shape.num_layers)[stage]
 
 
 def stage_params(shape: ModelShape, layout: ParallelLayout, stage: int) -> tuple[int, int]:
     """``(decoder + embedding + output params, vision params)`` on one GPU of ``stage``."""
     tp, last = layout.tp, stage == layout.pp - 1
-    lm = shape.num_layers // layout.pp * decoder_layer_params(shape, tp)
+    lm = stage_layers(shape, layout, stage) * decoder_layer_params(shape, tp)
     vision = 0
     if stage == 0:
         lm += embedding_params(shape, tp)
@@ -375,7 +380,7 @@ def training_activations(shape: ModelShape, layout: ParallelLayout, train: Train
     the PPO update: the micro-batches in flight, plus one layer's (one block's) backward working set."""
     tp, last = layout.tp, stage == layout.pp - 1
     chunk_flight = train.in_flight or in_flight_micro_batches(layout.pp, stage, train.micro_batches, layout.vpp)
-    chunk_layers = shape.num_layers // (layout.pp * (layout.vpp or 1))
+    chunk_layers = stage_layers(shape, layout, stage) // (layout.vpp or 1)
     s, b, h, sp = train.seq_len, train.micro_batch_size, shape.hidden_size, train.sequence_parallel
     full = layer_activation_bytes(s, b, h, shape.num_heads, shape.num_kv_heads, shape.ffn_hidden_size, tp, sp,
                                   train.flash_attention)
@@ -480,7 +485,11 @@ def plan_memory(shape: ModelShape, layout: ParallelLayout, train: TrainShapes, r
 def plan_from_config(cfg, layout: ParallelLayout, gpu: Gpu, shape: ModelShape,
                      reserve: Reserve = Reserve()) -> MemoryPlan:
     """The plan of a validated ``Config`` under ``layout`` (the worst case: every response at the
-    maximum length, every image at ``data.max_pixels`` or the most a prompt can hold)."""
+    maximum length, every image at ``data.max_pixels`` or the most a prompt can hold); an 'auto'
+    pipeline split is resolved first (``flops.resolve_split``; the plan's ``layout`` is the resolved one)."""
+    from megatron_vgpo.planning.flops import resolve_split  # flops builds on this module
+
+    layout = resolve_split(cfg, layout, shape)
     ro, data, tr = cfg.rollout, cfg.data, cfg.trainer
     max_patches = image_patches(data.max_pixels, shape.vision, ro.max_prompt_length)
     pixels = max_patches * shape.vision.pixels_per_patch

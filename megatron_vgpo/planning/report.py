@@ -1,5 +1,6 @@
 """The memory plan of a config file, as text: the per-stage table of both phases, the vLLM engine,
-host RAM and the verdict; and the block of it kept in each example config's header.
+host RAM and the verdict (with a pipeline, the decoder layers and the FLOP model's work per stage);
+and the block of it kept in each example config's header.
 
 A config's header names its GPU and world size (``# gpu: H100 80GB``, ``# world size: 32``), which
 ``tools/plan_memory.py`` and ``--dry-run`` use, and holds the plan between ``BEGIN`` and ``END``
@@ -8,12 +9,14 @@ A config's header names its GPU and world size (``# gpu: H100 80GB``, ``# world 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Optional
 
 from megatron_vgpo.distributed.layout import ParallelLayout
 from megatron_vgpo.planning.architectures import ArchitectureError, resolve_shape, total_params, vision_params
+from megatron_vgpo.planning.flops import describe_stages, stage_flops, workload_from_config
 from megatron_vgpo.planning.memory import GiB, Gpu, MemoryPlan, image_patches, plan_from_config
 
 BEGIN = "# memory-plan:begin (tools/plan_memory.py --write refreshes this block)"
@@ -36,12 +39,17 @@ def header_world_size(path: str) -> Optional[int]:
 
 def config_plan(cfg, layout: ParallelLayout, config_path: Optional[str] = None,
                 gpu: Optional[Gpu] = None) -> Optional[MemoryPlan]:
-    """The plan of ``cfg`` on ``gpu`` (default: the GPU its file's header names, else an 80 GiB one);
+    """The plan of ``cfg`` on ``gpu`` (default: the GPU its file's header names, else an 80 GiB one),
+    under the pipeline split the FLOP model resolves for it, with its per-stage FLOPs at PP > 1;
     None for a CPU run (``trainer.device=cpu``); ``ArchitectureError`` when the model is unknown."""
     if cfg.trainer.device == "cpu":
         return None
     gpu = gpu or (header_gpu(config_path) if config_path else None) or Gpu()
-    return plan_from_config(cfg, layout, gpu, resolve_shape(cfg.model.hf_path))
+    shape = resolve_shape(cfg.model.hf_path)
+    plan = plan_from_config(cfg, layout, gpu, shape)  # its layout: 'auto' resolved
+    if plan.layout.pp == 1:
+        return plan
+    return dataclasses.replace(plan, stage_flops=stage_flops(shape, plan.layout, workload_from_config(cfg, shape)))
 
 
 def dry_run_plan(cfg, layout: ParallelLayout, config_path: str) -> str:
@@ -71,12 +79,13 @@ def render_plan(plan: MemoryPlan) -> str:
     on = lambda flag: "on" if flag else "off"  # noqa: E731
     lines = [
         f"{shape.name}: {n / 1e9:.2f}B params ({(n - vis) / 1e9:.2f}B language model + {vis / 1e9:.2f}B vision); "
-        f"{lay.describe()}",
+        f"{lay.describe(shape.num_layers)}",
         f"GPU {gpu.describe()}; values in GiB (2^30 bytes) per GPU",
         f"training peak: micro-batch {tr.micro_batch_size} x {tr.seq_len} tokens + "
         f"{tr.images_per_micro_batch or tr.micro_batch_size} image(s) "
         f"of {patches} patches ({tr.image_pixels / 1e6:.2f} MP); micro-batches in flight per stage: "
         f"{', '.join(str(st.in_flight) for st in plan.stages)}",
+        *([describe_stages(plan.stage_flops)] if plan.stage_flops else []),
         f"recompute {on(tr.recompute)}, sequence parallel {on(tr.sequence_parallel)}, distributed optimizer "
         f"{on(tr.distributed_optimizer)}, offload during rollout {on(tr.offload_during_rollout)}",
         f"reserve: CUDA context {res.cuda_context_gib:g} + NCCL {res.nccl_gib_per_communicator:g} x "

@@ -1,6 +1,10 @@
 """Rewards: the last ``\\boxed{}`` answer graded against the ground truth (mathruler by default, or
 math-verify, or a user ``module:function``), an optional format reward, each grading call under a
 wall-clock timeout in worker processes. ``RewardScorer(cfg.reward).score(responses, answers, infos)``.
+
+The trainer grades each batch over all its ranks: ``rewards.distributed`` (``DistributedGrader``,
+``rank_scorer``), imported from there and not here, because the grading workers import this package
+and must not pay for torch.
 """
 
 from megatron_vgpo.rewards.custom import CustomRewardError, load_custom_fn

@@ -50,8 +50,9 @@ class RewardResult:
 
 
 class RewardScorer:
-    """Scores batches of responses; owns the grading worker pool (``num_workers = 0``: grade in this
-    process, without a timeout, for debugging)."""
+    """Scores batches of responses; owns the grading worker pool of exactly ``cfg.num_workers``
+    processes (0: grade in this process, without a timeout, for debugging). The trainer builds its
+    per-rank scorers with ``distributed.rank_scorer``, which applies ``cfg.auto_workers``."""
 
     def __init__(self, cfg: "RewardConfig"):
         if cfg.grader not in GRADERS:

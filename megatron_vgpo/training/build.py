@@ -26,7 +26,9 @@ def build_trainer(trainer_cls, cfg, engine=None):
     from megatron_vgpo.config import dump_yaml
     from megatron_vgpo.data import build_train_loader, build_val_dataset, processor_size_overrides
     from megatron_vgpo.methods import build_methods
+    from megatron_vgpo.distributed.layout import parallel_layout
     from megatron_vgpo.distributed.parallel import init_parallel
+    from megatron_vgpo.planning import resolve_split, shape_from_hf_config
     from megatron_vgpo.models.qwen2_5_vl.builder import build_policy
     from megatron_vgpo.checkpoint.model_io import load_model_checkpoint
     from megatron_vgpo.models.qwen2_5_vl.loading import load_hf_weights
@@ -51,7 +53,11 @@ def build_trainer(trainer_cls, cfg, engine=None):
     # the engine are built.
     train_loader = build_train_loader(cfg.data, processor, cfg.rollout.max_prompt_length)
     val_set = build_val_dataset(cfg.data, processor, cfg.rollout.max_prompt_length)
-    chunks = build_policy(hf_config, cfg.model, groups)
+    methods = build_methods(cfg.algorithm, processor.tokenizer)
+    # Layers per pipeline stage (parallel.first_stage_layers / last_stage_layers; "auto" balances the
+    # FLOP model): every rank resolves the same split from the same config.
+    split = resolve_split(cfg, parallel_layout(cfg.parallel, world), shape_from_hf_config(hf_config)).split
+    chunks = build_policy(hf_config, cfg.model, groups, split)
     if cfg.model.megatron_path:  # converted once (any TP/PP layout), loaded as this run's layout
         load_model_checkpoint(chunks, cfg.model.megatron_path)
     else:
@@ -69,9 +75,8 @@ def build_trainer(trainer_cls, cfg, engine=None):
                                 rollout_tp=cfg.rollout.tensor_model_parallel_size)
     scorer = RewardScorer(cfg.reward) if rank == 0 else None
     rollouts = Rollouts(cfg, engine, resharder, processor, train_loader, scorer, groups,
-                        RolloutGroups.current(cfg.rollout.tensor_model_parallel_size))
+                        RolloutGroups.current(cfg.rollout.tensor_model_parallel_size), methods.rollout)
     rollouts.sync_weights()
     metrics_logger = MetricsLogger(cfg.logging, rank, dump_yaml(cfg), total_steps=cfg.trainer.total_steps)
     checkpoints = CheckpointManager(cfg.checkpoint, rank, world, dp_group=groups.dp_group)
-    return trainer_cls(cfg, groups, actor, rollouts, build_methods(cfg.algorithm), metrics_logger, checkpoints,
-                       val_set)
+    return trainer_cls(cfg, groups, actor, rollouts, methods, metrics_logger, checkpoints, val_set)

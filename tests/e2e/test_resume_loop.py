@@ -7,6 +7,11 @@
 - Killed in the middle of a save (its ``step_K.tmp`` directory exists), ``latest`` still names the
   previous checkpoint, and a restart resumes from that one and finishes, again matching the
   uninterrupted run.
+- SIGTERM (SLURM's warning before a kill) during a step: the run saves that step, exits 0, and the
+  same command resumes from it, matching the uninterrupted run.
+- A finished run whose latest checkpoint then lost the end of a shard (issue 17): the same command
+  names the file in one warning line, resumes from the previous checkpoint and finishes, again
+  matching the uninterrupted run.
 
 The tiny random model never answers right, so the default reward is always 0 and no weight would
 ever change; a custom reward (a hash of the response text) gives every group a spread of rewards,
@@ -17,6 +22,8 @@ LR schedule, data position and RNG to match.
 from __future__ import annotations
 
 import re
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -149,4 +156,50 @@ def test_kill_during_save_keeps_the_previous_latest(setup, uninterrupted):
 
     output = resume_and_finish(command(out, "checkpoint.save_interval=1"), out, env, target - 1)
     assert f"removing {tmp} left by an interrupted save" in output
+    assert_same_run(out / "runs" / RUN_NAME, uninterrupted)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(setup, uninterrupted):
+    """As a user met it: a shard of the finished run's latest checkpoint cut short (a partial copy,
+    a failing disk), then the same training command again."""
+    root, command, env = setup
+    out = root / "d"
+    shutil.copytree(root / "a", out)  # the uninterrupted run: checkpoints of steps 4 and 8, its logs
+    ckpt = out / "ckpt"
+    assert latest(ckpt) == step_name(TOTAL)
+    shard = sorted((ckpt / step_name(TOTAL)).glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+
+    output = resume_and_finish(command(out, f"checkpoint.save_interval={SAVE_INTERVAL}"), out, env, SAVE_INTERVAL)
+    warning = next((line for line in output.splitlines() if "falling back" in line), output[-8000:])
+    assert f"{step_name(TOTAL)} is damaged: {shard.name} has 1000 bytes" in warning, warning
+    assert warning.endswith(f"falling back to the previous checkpoint {step_name(SAVE_INTERVAL)}"), warning
+    assert_same_run(out / "runs" / RUN_NAME, uninterrupted)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(setup, uninterrupted):
+    """SIGTERM to the trainer (what SLURM sends before killing a job) during step k: the run finishes the
+    step, saves a complete checkpoint of it, says so and exits 0; the same command resumes from it and
+    the run matches the uninterrupted one."""
+    import psutil
+
+    root, command, env = setup
+    out, log = root / "e", root / "e.log"
+    ckpt = out / "ckpt"
+    cmd = command(out, f"checkpoint.save_interval={SAVE_INTERVAL}")
+    proc = start_train(cmd, log, env)
+    wait_for(proc, lambda: logged_step(log, 2, TOTAL), "logging step 2", log)
+    ranks = psutil.Process(proc.pid).children()  # torchrun's worker (the trainer rank)
+    assert len(ranks) == 1, ranks
+    ranks[0].send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, tail(log)
+    output = log.read_text()
+    stopped = next((line for line in output.splitlines() if "stop requested (SIGTERM)" in line), None)
+    assert stopped is not None, tail(log)
+    step = int(re.search(r"checkpoint of step (\d+) saved", stopped).group(1))
+    assert 2 <= step < TOTAL and latest(ckpt) == step_name(step), (stopped, latest(ckpt))
+    assert (ckpt / step_name(step) / "complete.json").is_file()
+
+    resume_and_finish(command(out, f"checkpoint.save_interval={SAVE_INTERVAL}"), out, env, step)
     assert_same_run(out / "runs" / RUN_NAME, uninterrupted)

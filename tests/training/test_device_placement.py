@@ -138,7 +138,7 @@ HOST_SIDE = {
     ("training/experience.py", "build_experience"): "assembled on the host from lists, then moved once",
     ("training/micro_batch.py", "from_prompts"): "patch grids: host metadata for the M-RoPE positions",
     ("training/offload.py", "_host_copy"): "the host buffer of an offloaded tensor",
-    ("training/rollout.py", "sample"): "rewards and the dynamic-sampling filter: host statistics of the batch",
+    ("training/rollout.py", "_add_batch"): "rewards and the dynamic-sampling filter: host statistics of the batch",
     ("models/qwen2_5_vl/pixels.py", "patchify_all"): "grids: device= given (the images' device)",
 }
 

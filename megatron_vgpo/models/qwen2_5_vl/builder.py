@@ -1,8 +1,13 @@
 """Build this rank's Qwen2.5-VL model chunk(s) from an HF config, a ``ModelConfig`` and the groups.
 
     groups = init_parallel(cfg.parallel)
-    chunks = build_policy(hf_config, cfg.model, groups)          # one chunk, or vpp chunks
-    load_hf_weights(chunks, cfg.model.hf_path, groups)            # loading.py
+    layout = resolve_split(cfg, parallel_layout(cfg.parallel, world_size), shape_from_hf_config(hf_config))
+    chunks = build_policy(hf_config, cfg.model, groups, layout.split)   # one chunk, or vpp chunks
+    load_hf_weights(chunks, cfg.model.hf_path)                           # loading.py
+
+``split`` (``distributed.layout.PipelineSplit``) gives the first and last pipeline stages their own
+number of decoder layers (Megatron's uneven stages; ``planning.flops.resolve_split`` turns
+``parallel.first_stage_layers: auto`` into the FLOP model's choice); the default is the even split.
 
 Layer spec: Transformer-Engine's when it is importable (``model.attention_backend`` 'auto' or 'te'),
 Megatron's local spec otherwise (CPU machines, or 'local'). The spec decides parameter names (TE
@@ -13,6 +18,7 @@ records for the name mapping.
 from __future__ import annotations
 
 from megatron_vgpo.distributed.cpu_compat import apply_cpu_compat
+from megatron_vgpo.distributed.layout import PipelineSplit
 from megatron_vgpo.models.qwen2_5_vl.config import arch_from_hf, transformer_config
 from megatron_vgpo.utils.deps import has, require
 
@@ -36,7 +42,7 @@ def layer_spec(te: bool):
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_policy(hf_config, model_cfg, groups, **config_overrides) -> list:
+def build_policy(hf_config, model_cfg, groups, split: PipelineSplit = PipelineSplit(), **config_overrides) -> list:
     """This rank's model chunks: ``[chunk]``, or one per virtual-pipeline stage.
 
     Args:
@@ -44,11 +50,12 @@ def build_policy(hf_config, model_cfg, groups, **config_overrides) -> list:
         model_cfg: ``megatron_vgpo.config.schema.ModelConfig`` (dtype, backend, freeze_vision,
             recompute_activations).
         groups: ``ParallelGroups`` from ``init_parallel``.
+        split: decoder layers of the first / last pipeline stage (resolved: no 'auto'); default even.
         config_overrides: extra ``TransformerConfig`` fields (tests, experiments).
 
     Raises ValueError naming the config field when TP does not divide the heads, kv heads or MLP
-    width, when PP (x VPP) does not divide the number of layers, or on sequence parallelism
-    without Transformer-Engine.
+    width, when the pipeline split does not fit the layers (even: PP x VPP must divide them; see
+    ``PipelineSplit.stage_layers``), or on sequence parallelism without Transformer-Engine.
     """
     from megatron_vgpo.models.qwen2_5_vl.model import Qwen25VLChunk
 
@@ -58,12 +65,9 @@ def build_policy(hf_config, model_cfg, groups, **config_overrides) -> list:
         raise ValueError("parallel.sequence_parallel=true needs the Transformer-Engine layer spec: Megatron's "
                          "local spec normalises with torch norms, which do not support it; disable it here")
     arch = arch_from_hf(hf_config, groups.tp_size, te_fused_norms=te)
-    stages = groups.pp_size * (groups.vpp_size or 1)
-    if arch.num_layers % stages:
-        raise ValueError(f"text_config.num_hidden_layers={arch.num_layers} is not divisible by "
-                         f"parallel.pipeline_model_parallel_size x virtual stages = {stages}")
+    split.stage_layers(arch.num_layers, groups.pp_size, groups.vpp_size)  # ValueError naming the fields
     config = transformer_config(hf_config, arch, groups, model_cfg.params_dtype,
-                                model_cfg.recompute_activations, **config_overrides)
+                                model_cfg.recompute_activations, split, **config_overrides)
     spec = layer_spec(te)
     vp_stages = range(groups.vpp_size) if groups.vpp_size else [None]
     chunks = []

@@ -113,8 +113,12 @@ def arch_from_hf(hf_config, tp_size: int = 1, te_fused_norms: bool = False) -> Q
 
 
 def transformer_config(hf_config, arch: QwenVLArch, groups, params_dtype: str = "float32",
-                       recompute: bool = False, **overrides):
+                       recompute: bool = False, split=None, **overrides):
     """Megatron ``TransformerConfig`` of the language model under the process groups ``groups``.
+
+    ``split`` (a resolved ``distributed.layout.PipelineSplit``, None: even) sets Megatron's
+    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``; every layer's
+    ``layer_number`` stays global under any split (what the loader and checkpoints key on).
 
     ``variable_seq_lengths`` is on (micro-batches of an RL step have different padded lengths), which
     megatron-core 0.16 only accepts with the ``alltoall`` token dispatcher (unused: no MoE). Fusions
@@ -146,6 +150,8 @@ def transformer_config(hf_config, arch: QwenVLArch, groups, params_dtype: str = 
     )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if split is not None and groups.pp_size > 1:  # at PP 1 Megatron would build only the first-stage count
+        kwargs.update(split.megatron_fields())
     kwargs.update(cpu_model_parallel_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
