@@ -131,7 +131,7 @@ class Trainer:
             has_image=exp.has_image, old_logprobs=exp.old_logprobs, stats=exp.stats, dp_group=self.groups.dp_group,
             minibatches=exp.minibatches, micro_batch_size=self.cfg.trainer.micro_batch_size))
         exp.advantages, exp.loss_mask = result.advantages, result.loss_mask
-        return {**result.metrics.reduce(self.groups.dp_group), **self.rollouts.mismatch_metrics(exp)}
+        return {**result.metrics.reduce(self.groups.dp_group), **self.rollouts.mismatch_metrics(exp, batch)}
 
     def update(self, batch: RolloutStep, exp: Experience) -> dict:
         """PPO epochs over mini-batches of ``global_batch_size`` groups (each DP rank its share)."""

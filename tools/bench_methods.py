@@ -34,19 +34,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("step", "rollout", "reward", "logprob", "extra_views", "advantages", "update", "weight_sync")  # timing_s/*
-METHODS = {  # name -> the overrides that select it (with the config's defaults for its section)
-    "dapo": ("algorithm.shapers=[]", "algorithm.loss_terms=[]"),
-    "vgpo": ("algorithm.shapers=[vgpo]", "algorithm.loss_terms=[]"),
-    "entropy": ("algorithm.shapers=[entropy]", "algorithm.loss_terms=[]"),
-    "vppo": ("algorithm.shapers=[vppo]", "algorithm.loss_terms=[]"),
-    "papo": ("algorithm.shapers=[]", "algorithm.loss_terms=[papo]"),
-}
-EXTRA_VIEWS = {"dapo": 0, "vgpo": 0, "entropy": 0, "vppo": 1, "papo": 1}
+EXTRA_VIEWS = {"dapo": 0, "vgpo": 0, "entropy": 0, "vppo": 1, "papo": 1}  # forward passes beyond the pi_old one
 
 
 def bench_overrides(args, method: str, out: Path) -> list[str]:
     """The trainer's overrides for one run (the user's come last and win)."""
-    return [*METHODS[method], f"trainer.total_steps={args.steps}", "trainer.val_interval=0",
+    from megatron_vgpo.methods import PRESETS
+
+    return [*PRESETS[method], f"trainer.total_steps={args.steps}", "trainer.val_interval=0",
             "trainer.val_before_train=false", f"checkpoint.save_dir={out / 'ckpt'}",
             "checkpoint.save_interval=0", f"logging.tensorboard_dir={out / 'runs'}",
             "logging.run_name=bench", "logging.progress_bar=false", "optimizer.lr=1e-12", *args.overrides]
@@ -96,7 +91,7 @@ def run(args, method: str, out: Path) -> dict[str, list[float]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="examples/configs/cpu_tiny.yaml")
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
+    p.add_argument("--methods", nargs="+", choices=sorted(EXTRA_VIEWS), default=list(EXTRA_VIEWS),
                    help="methods to time (DAPO, the reference, is always run)")
     p.add_argument("--steps", type=int, default=12, help="steps per run")
     p.add_argument("--skip", type=int, default=2, help="first steps of each run left out (warm-up)")

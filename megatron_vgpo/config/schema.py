@@ -15,7 +15,10 @@ from typing import Literal, Optional, Union
 
 from megatron_vgpo.algorithms.vgpo import VGPOConfig
 from megatron_vgpo.methods.entropy import EntropyShapingConfig
+from megatron_vgpo.methods.noisy_rollout import NoisyRolloutConfig
 from megatron_vgpo.methods.papo import PAPOConfig
+from megatron_vgpo.methods.srpo import SRPOConfig
+from megatron_vgpo.methods.vapo import VAPOConfig
 from megatron_vgpo.methods.vppo import VPPOConfig
 
 
@@ -97,14 +100,19 @@ class OverlongConfig:
 class DynamicSamplingConfig:
     enable: bool = doc(True, "DAPO dynamic sampling: drop groups whose rewards are all equal, refill.")
     max_batches: int = doc(4, "Rollout batches sampled at most per step while refilling.")
+    metric: Literal["accuracy", "reward"] = doc(
+        "accuracy", "What must differ within a group for it to be kept: the accuracy (DAPO) or the total reward "
+                    "(VAPO: all-correct groups whose perception scores differ still train).")
 
 
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["grpo", "drgrpo"] = doc(
         "grpo", "Outcome advantage: 'grpo' (r - mean) / (std + eps); 'drgrpo' r - mean (no std scaling).")
-    shapers: list = doc(["vgpo"], "Advantage shapers applied in order (vgpo, entropy, vppo; methods/); [] is plain DAPO.")
+    shapers: list = doc(["vgpo"], "Advantage shapers applied in order (vgpo, entropy, vppo, srpo; methods/); [] is plain DAPO.")
     loss_terms: list = doc([], "Extra policy-loss terms (papo; methods/); each term's section below configures it.")
+    rollout_methods: list = doc([], "Rollout-side methods (vapo: perception reward; noisy_rollout: n more responses "
+                                    "per prompt on a noisy image, same group; methods/).")
     clip_ratio_low: float = doc(0.2, "PPO clip eps_low: ratio >= 1 - eps_low.")
     clip_ratio_high: float = doc(0.28, "PPO clip-higher eps_high: ratio <= 1 + eps_high.")
     clip_ratio_c: Optional[float] = doc(3.0, "Dual-clip bound c (> 1) for negative advantages; null disables it.")
@@ -121,6 +129,10 @@ class AlgorithmConfig:
     entropy: EntropyShapingConfig = sub(EntropyShapingConfig, "Entropy-based advantage shaping (METHODS_SPEC 1).")
     vppo: VPPOConfig = sub(VPPOConfig, "VPPO: token filtering, trajectory scaling, entropy penalty (METHODS_SPEC 2).")
     papo: PAPOConfig = sub(PAPOConfig, "PAPO's implicit perception loss (METHODS_SPEC 3).")
+    vapo: VAPOConfig = sub(VAPOConfig, "VAPO's perception reward from probes at anchor points (METHODS_SPEC 4).")
+    noisy_rollout: NoisyRolloutConfig = sub(NoisyRolloutConfig, "NoisyRollout's noise schedule (METHODS_SPEC 5).")
+    srpo: SRPOConfig = sub(SRPOConfig, "[provisional] SRPO role-aware token weights (METHODS_SPEC 6; the paper's "
+                                       "equations are not public: every field is our choice).")
 
 
 @dataclass
@@ -152,6 +164,11 @@ class DataConfig:
     answer_key: str = doc("answer", "Column with the ground-truth answer (a string).")
     image_key: str = doc("images", "Column with the list of images ({'bytes', 'path'} structs, bytes or paths).")
     image_dir: str = doc("", "Directory relative image paths are resolved against.")
+    parts_key: str = doc("parts", "Optional column of a multi-part row's parts (JSON [{name, count}], the synthetic multicount task): validation reports each part position's accuracy, the format warm-up teaches their layout.")
+    claim_key: str = doc("claim_{i}", "Columns of claims about a row's image (VAPO's probes): '{i}' = 1, 2, ... up to the first absent or empty one; optional.")
+    claim_label_key: str = doc("label_{i}", "Column of claim i's label (claim_true_label or claim_false_label).")
+    claim_true_label: str = doc("CORRECT", "Label of a true claim.")
+    claim_false_label: str = doc("WRONG", "Label of a false claim.")
     min_pixels: int = doc(262144, "Images are resized to have at least this many pixels.")
     max_pixels: int = doc(4194304, "Images are resized to have at most this many pixels.")
     rollout_batch_size: int = doc(512, "Prompts per rollout batch.")
@@ -160,6 +177,13 @@ class DataConfig:
     seed: int = doc(1, "Seed of the data order.")
     scan_cache: bool = doc(True, "Cache each file's scan (usable rows, prompt lengths, image sizes): rank 0 scans once, other ranks and later starts reuse it.")
     scan_cache_dir: str = doc("", "Directory of the scan caches; empty: beside each data file (set it for read-only data).")
+
+    def __post_init__(self):
+        for name in ("claim_key", "claim_label_key"):
+            if "{i}" not in getattr(self, name):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must contain '{{i}}' (the claim's number)")
+        if self.claim_true_label == self.claim_false_label:
+            raise ValueError(f"claim_true_label and claim_false_label are both {self.claim_true_label!r}")
 
 
 @dataclass

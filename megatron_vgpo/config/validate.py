@@ -26,6 +26,22 @@ def _positive(cfg, paths: list[str]) -> None:
         _require(value > 0, f"{path}={value!r} is invalid: must be > 0")
 
 
+def _pipeline_split_rules(par) -> None:
+    """``parallel.first_stage_layers`` / ``last_stage_layers``: what can be said without the model (the
+    counts against its layers are checked by ``distributed.layout.PipelineSplit`` where the model is known)."""
+    pp, vpp = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
+    for name in ("first_stage_layers", "last_stage_layers"):
+        count = getattr(par, name)
+        if count is None or count == "auto":  # 'auto' at PP 1 is the only split there is
+            continue
+        _require(count >= 1, f"parallel.{name}={count} is invalid: must be >= 1, 'auto' or null")
+        _require(pp >= 2, f"parallel.{name}={count} needs parallel.pipeline_model_parallel_size >= 2 (got {pp}); "
+                          f"set it to null or 'auto'")
+        _require(vpp is None or count % vpp == 0,
+                 f"parallel.{name}={count} is not divisible by parallel.virtual_pipeline_model_parallel_size={vpp} "
+                 f"(Megatron gives each model chunk of the stage the same number of layers)")
+
+
 def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
     """Check ``cfg`` (a ``Config``); with ``world_size`` also check and return the parallel layout."""
     _positive(cfg, [
@@ -43,6 +59,7 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
     _require(vpp is None or (vpp >= 2 and par.pipeline_model_parallel_size >= 2),
              f"parallel.virtual_pipeline_model_parallel_size={vpp!r} is invalid: needs >= 2 chunks and "
              f"parallel.pipeline_model_parallel_size >= 2 (got {par.pipeline_model_parallel_size}); or null")
+    _pipeline_split_rules(par)
     _require(not par.sequence_parallel or par.tensor_model_parallel_size > 1,
              "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
     _require(0 <= alg.clip_ratio_low < 1, f"algorithm.clip_ratio_low={alg.clip_ratio_low} is invalid: must be in [0, 1)")
@@ -57,10 +74,12 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
         methods = build_methods(alg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(not methods.current_shapers or cfg.trainer.micro_batch_size % ro.n == 0,
+    group = methods.group_size(ro.n)
+    _require(not methods.current_shapers or cfg.trainer.micro_batch_size % group == 0,
              f"algorithm.hidden_states_from=current needs group-aligned update micro-batches (a shaper's "
              f"per-group factor sees the whole group): trainer.micro_batch_size={cfg.trainer.micro_batch_size} "
-             f"must be a multiple of rollout.n={ro.n}")
+             f"must be a multiple of the group size {group} (rollout.n={ro.n}"
+             f"{f' x {group // ro.n} image views of algorithm.rollout_methods' if group != ro.n else ''})")
     _require(opt.max_consecutive_nonfinite >= 1,
              f"optimizer.max_consecutive_nonfinite={opt.max_consecutive_nonfinite}: must be >= 1")
     bad = [s for s in cfg.trainer.stop_signals if not (isinstance(s, str) and isinstance(getattr(signal, s, None),
@@ -100,4 +119,24 @@ def validate(cfg, world_size: int | None = None) -> ParallelLayout | None:
     _require(not cfg.trainer.format_warmup.steps or cfg.trainer.format_warmup.batch_size >= layout.dp,
              f"trainer.format_warmup.batch_size={cfg.trainer.format_warmup.batch_size} prompts cannot be shared "
              f"over DP = {layout.dp} data-parallel ranks (needs >= {layout.dp})")
+    _pipeline_split_fits_model(cfg, layout)
     return layout
+
+
+def _pipeline_split_fits_model(cfg, layout: ParallelLayout) -> None:
+    """An uneven split against the model's layers (Megatron's rules, ``PipelineSplit.stage_layers``),
+    'auto' resolved by the FLOP model on the way, when the model's shapes are known here (its
+    config.json, or a released size in ``model.hf_path``); otherwise the builder checks it."""
+    from megatron_vgpo.planning.architectures import ArchitectureError, resolve_shape
+    from megatron_vgpo.planning.flops import resolve_split
+
+    if layout.split.is_even or layout.pp == 1:
+        return
+    try:
+        shape = resolve_shape(cfg.model.hf_path)
+    except ArchitectureError:
+        return
+    try:
+        resolve_split(cfg, layout, shape).stage_layers(shape.num_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

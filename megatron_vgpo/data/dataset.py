@@ -1,7 +1,9 @@
 """The prompt dataset: rows in the EasyR1/verl schema -> typed ``PromptExample``s for the rollout.
 
 Every row is checked once, when the dataset is built, so that a bad row is skipped with its id and
-reason instead of failing deep in the model mid-run. A row is kept only when:
+reason instead of failing deep in the model mid-run. The check (the scan) runs once per file and
+settings: its result is cached beside the file and reused by the other ranks and by later starts
+(``scan_cache.py``: who scans, the cache key). A row is kept only when:
 
 - its problem is a string and its answer a non-empty string, or an int/float (coerced: ``3`` and
   ``3.0`` -> ``"3"``, ``2.5`` -> ``"2.5"``; datasets written from pandas often store numeric answers
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -36,9 +39,14 @@ from PIL import Image
 from megatron_vgpo.config.schema import DataConfig
 from megatron_vgpo.data.images import ImageDecodeError, decode_image, image_cells, resize_image, smart_resize
 from megatron_vgpo.data.prompt import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, render_prompt
+from megatron_vgpo.data.scan_cache import FileScan, load_or_scan, on_rank_zero, processor_fingerprint
 from megatron_vgpo.data.sources import DatasetError, RowSource, dataset_names
+from megatron_vgpo.rewards.parts import parse_parts
 
 logger = logging.getLogger(__name__)
+
+MAX_CLAIMS = 64
+"""Claim columns read per row at most (``data.claim_key``)."""
 
 LOG_LIMIT = 20
 """Skipped rows logged one by one per file; the rest only in the file's summary and ``skipped``."""
@@ -68,6 +76,11 @@ class PromptExample:
     """[num_images, 3] int64 (t, h, w) patch grid per image at its final size; [0, 3] if no image."""
     image_loader: Callable[..., list[Image.Image]] = field(repr=False, compare=False, default=lambda raw=False: [])
     """Decodes (and unless ``raw``, resizes) the row's images (``load_images``)."""
+    parts: Optional[list] = None
+    """A multi-part row's ``rewards.parts.Part``s in the problem's order (``data.parts_key``); None: not one."""
+    claims: list[tuple[str, bool]] = field(default_factory=list)
+    """Statements about the row's image with their truth (``data.claim_key``/``claim_label_key``
+    columns; VAPO's probes); empty when the row has none."""
 
     @property
     def num_images(self) -> int:
@@ -132,7 +145,7 @@ class _Kept:
 
 
 class PromptDataset:
-    """The usable rows of ``files``; ``dataset[i]`` decodes, resizes and tokenises row ``i``.
+    """The usable rows of ``files``; ``dataset[i]`` tokenises row ``i`` (``load_images(i)`` decodes its images).
 
     ``cfg`` gives the column keys, ``image_dir`` and the pixel bounds; ``processor`` is a Qwen2.5-VL
     processor (``load_processor``); ``max_prompt_length`` comes from ``rollout.max_prompt_length``.
@@ -146,7 +159,11 @@ class PromptDataset:
         self.cfg, self.processor, self.max_prompt_length, self.template = cfg, processor, max_prompt_length, template
         self.names = dataset_names(self.files)
         columns = (cfg.prompt_key, cfg.answer_key, cfg.image_key)
-        self._sources = [RowSource(f, columns) for f in self.files]  # missing columns fail here
+        optional = [cfg.parts_key, *(key.format(i=i) for i in range(1, MAX_CLAIMS + 1)
+                                     for key in (cfg.claim_key, cfg.claim_label_key))]
+        # missing required columns fail here
+        self._sources = [RowSource(f, columns, optional) for f in self.files]
+        self._bad_labels: Counter = Counter()
         image_processor = processor.image_processor
         self._factor = image_processor.patch_size * image_processor.merge_size
         self._patch = image_processor.patch_size
@@ -155,8 +172,8 @@ class PromptDataset:
         self.skipped: list[SkippedRow] = []
         self.kept_per_source: dict[str, int] = {}
         self._kept: list[_Kept] = []
-        for f, source in enumerate(self._sources):
-            self._scan(f, source)
+        for f, scan in enumerate(on_rank_zero(self._scan_all)):
+            self._add(f, scan)
         if not self._kept:
             raise NoUsableExamplesError(
                 f"no usable rows in {', '.join(self.files)}: {len(self.skipped)} skipped "
@@ -204,17 +221,41 @@ class PromptDataset:
             out.extend([token] * next(counts) if token == self._image_pad_id else [token])
         return out
 
-    def _scan(self, f: int, source: RowSource) -> None:
-        skipped: list[SkippedRow] = []
+    def _scan_settings(self, f: int) -> dict:
+        """Everything besides the file's content that the scan of file ``f`` depends on (its cache key)."""
+        cfg = self.cfg
+        return {"columns": [cfg.prompt_key, cfg.answer_key, cfg.image_key],
+                "image_dir": os.path.abspath(self._image_dir(f)), "min_pixels": cfg.min_pixels,
+                "max_pixels": cfg.max_pixels, "max_prompt_length": self.max_prompt_length, "template": self.template,
+                "processor": processor_fingerprint(self.processor)}
+
+    def _scan_file(self, f: int) -> FileScan:
+        """Check every row of file ``f`` (decodes every image, tokenises every prompt)."""
+        source, scan = self._sources[f], FileScan(len(self._sources[f]))
         for i in range(len(source)):
-            row_id = f"{self.names[f]}:{i}"
             reason, length, sizes = self._check(f, source.row(i))
             if reason is None:
-                self._kept.append(_Kept(f, i, row_id, length, sizes))
-                continue
-            skipped.append(SkippedRow(row_id, *reason))
-            log = logger.warning if len(skipped) <= LOG_LIMIT else logger.debug
-            log("data: skipping row %s (%s): %s", row_id, *reason)
+                scan.kept.append((i, length, sizes))
+            else:
+                scan.skipped.append((i, *reason))
+        return scan
+
+    def _scan_all(self) -> list[FileScan]:
+        """Every file's scan, from its cache where ``data.scan_cache`` allows."""
+        if not self.cfg.scan_cache:
+            return [self._scan_file(f) for f in range(len(self.files))]
+        return [load_or_scan(path, len(self._sources[f]), functools.partial(self._scan_settings, f),
+                             functools.partial(self._scan_file, f), self.cfg.scan_cache_dir)
+                for f, path in enumerate(self.files)]
+
+    def _add(self, f: int, scan: FileScan) -> None:
+        """Keep the usable rows of file ``f``'s scan; log and record the skipped ones."""
+        source = self._sources[f]
+        self._kept += [_Kept(f, i, f"{self.names[f]}:{i}", length, sizes) for i, length, sizes in scan.kept]
+        skipped = [SkippedRow(f"{self.names[f]}:{i}", reason, detail) for i, reason, detail in scan.skipped]
+        for n, row in enumerate(skipped):
+            log = logger.warning if n < LOG_LIMIT else logger.debug
+            log("data: skipping row %s (%s): %s", row.row_id, row.reason, row.detail)
         self.skipped.extend(skipped)
         self.kept_per_source[self.names[f]] = len(source) - len(skipped)
         if skipped:
@@ -245,7 +286,41 @@ class PromptDataset:
         return PromptExample(
             row_id=kept.row_id, source=self.names[kept.file], problem=problem,
             answer=coerce_answer(row[self.cfg.answer_key]), prompt_text=text, input_ids=input_ids,
-            image_grid_thw=grid, image_loader=functools.partial(self.load_images, i))
+            image_grid_thw=grid, image_loader=functools.partial(self.load_images, i), claims=self._claims(kept, row),
+            parts=self._parts(kept, row))
+
+    def _parts(self, kept, row: dict) -> Optional[list]:
+        """The row's parts (``data.parts_key``), None when it has none; unreadable: warned once, None."""
+        value = row.get(self.cfg.parts_key)
+        if value is None:
+            return None
+        try:
+            return parse_parts(value)
+        except (ValueError, KeyError, TypeError) as e:
+            self._bad_labels[self.cfg.parts_key] += 1
+            if self._bad_labels[self.cfg.parts_key] == 1:
+                logger.warning("%s: %s is not a list of {name, count} (%s: %s): the row has no parts (warned once)",
+                               kept.row_id, self.cfg.parts_key, type(e).__name__, e)
+            return None
+
+    def _claims(self, kept, row: dict) -> list[tuple[str, bool]]:
+        """Claims 1, 2, ... of ``row`` up to the first absent or empty one; a claim whose label is
+        neither ``claim_true_label`` nor ``claim_false_label`` is left out (warned once per column)."""
+        cfg, out = self.cfg, []
+        for i in range(1, MAX_CLAIMS + 1):
+            claim, label = row.get(cfg.claim_key.format(i=i)), row.get(cfg.claim_label_key.format(i=i))
+            if not isinstance(claim, str) or not claim.strip():
+                break
+            if label in (cfg.claim_true_label, cfg.claim_false_label):
+                out.append((claim, label == cfg.claim_true_label))
+                continue
+            column = cfg.claim_label_key.format(i=i)
+            self._bad_labels[column] += 1
+            if self._bad_labels[column] == 1:
+                logger.warning("%s: %s is %r, neither data.claim_true_label=%r nor claim_false_label=%r: the claim "
+                               "is left out (warned once per column)", kept.row_id, column, label,
+                               cfg.claim_true_label, cfg.claim_false_label)
+        return out
 
     def load_images(self, i: int, raw: bool = False) -> list[Image.Image]:
         """Row ``i``'s images, decoded and resized to the sizes the scan found (``raw``: not resized)."""

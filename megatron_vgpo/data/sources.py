@@ -25,11 +25,15 @@ SUFFIXES = (".parquet", ".json", ".jsonl")
 
 
 class RowSource:
-    """The rows of one data file; ``row(i)`` returns the requested columns of row ``i`` as a dict."""
+    """The rows of one data file; ``row(i)`` returns the requested columns of row ``i`` as a dict.
 
-    def __init__(self, path: str | os.PathLike, columns: Iterable[str]):
+    ``columns`` must be in the file; ``optional`` columns are read when the file has them (``row``
+    leaves the absent ones out)."""
+
+    def __init__(self, path: str | os.PathLike, columns: Iterable[str], optional: Iterable[str] = ()):
         self.path = Path(path)
         self.columns = tuple(columns)
+        self._optional = tuple(c for c in optional if c not in self.columns)
         if not self.path.is_file():
             raise DatasetError(f"data file not found: {self.path}")
         suffix = self.path.suffix.lower()
@@ -47,6 +51,7 @@ class RowSource:
             if column not in available:
                 raise MissingColumnError(f"{self.path}: missing column {column!r} (columns present: "
                                          f"{', '.join(sorted(available)) or 'none'})")
+        self.columns += tuple(c for c in self._optional if c in available)
 
     def _read(self, suffix: str) -> tuple[Any, list | None, set[str]]:
         if suffix == ".parquet":
@@ -54,7 +59,7 @@ class RowSource:
 
             table = pq.read_table(self.path, columns=None, memory_map=True)
             available = set(table.column_names)
-            table = table.select([c for c in self.columns if c in available])
+            table = table.select([c for c in (*self.columns, *self._optional) if c in available])
             return table, None, available
         text = self.path.read_text(encoding="utf-8")
         if suffix == ".jsonl":

@@ -78,27 +78,37 @@ def _norm(name: str) -> str:
 _LOOKUP = {_norm(n): b for b in BENCHMARKS for n in (b.key, b.column, *b.aliases)}
 
 
-def select(names: Iterable[str]) -> list[Benchmark]:
-    """Benchmarks for ``--benchmarks`` (names, comma-separated lists, or ``all``), in table order."""
+def custom_benchmark(name: str) -> Benchmark:
+    """A benchmark of the user's own (``--files NAME=PATH`` with a NAME not among the ten): its own
+    column after the paper's, in no average."""
+    return Benchmark(_norm(name), name.strip(), "custom", (), "--files")
+
+
+def select(names: Iterable[str], custom: Iterable[str] = ()) -> list[Benchmark]:
+    """Benchmarks for ``--benchmarks`` (names, comma-separated lists, or ``all``): the paper's in table
+    order, then the ``custom`` ones (names given a file with ``--files``) in the order named."""
+    customs = {_norm(c): custom_benchmark(c) for c in custom if _norm(c) not in _LOOKUP}
     wanted = [_norm(n) for item in names for n in item.split(",") if n.strip()]
     if not wanted or "all" in wanted:
-        return list(BENCHMARKS)
-    unknown = [n for n in wanted if n not in _LOOKUP]
+        return list(BENCHMARKS) + list(customs.values())
+    unknown = [n for n in wanted if n not in _LOOKUP and n not in customs]
     if unknown:
         raise EvalError(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
-                        f"{', '.join(b.key for b in BENCHMARKS)} or all")
-    chosen = {_LOOKUP[n].key for n in wanted}
-    return [b for b in BENCHMARKS if b.key in chosen]
+                        f"{', '.join(b.key for b in BENCHMARKS)}, all, or a name given a file with --files NAME=PATH")
+    chosen = {_LOOKUP[n].key for n in wanted if n in _LOOKUP}
+    return [b for b in BENCHMARKS if b.key in chosen] + [customs[n] for n in dict.fromkeys(wanted) if n in customs]
 
 
 def parse_file_overrides(items: Sequence[str]) -> dict[str, Path]:
-    """``["geo3k=/data/geo3k.parquet", ...]`` -> ``{"geo3k": Path}`` (names as in ``select``)."""
+    """``["geo3k=/data/geo3k.parquet", "myset=x.parquet", ...]`` -> ``{"geo3k": Path, "myset": Path}``:
+    the paper's names normalised as in ``select``, any other name a custom benchmark."""
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not path:
+        if not sep or not path or not name.strip():
             raise EvalError(f"--files {item!r}: expected NAME=PATH")
-        out[select([name])[0].key] = Path(path)
+        key = _LOOKUP[_norm(name)].key if _norm(name) in _LOOKUP else _norm(name)
+        out[key] = Path(path)
     return out
 
 

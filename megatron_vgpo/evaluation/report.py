@@ -21,7 +21,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Mapping, Optional
 
-from megatron_vgpo.evaluation.benchmarks import BENCHMARKS
+from megatron_vgpo.evaluation.benchmarks import BENCHMARKS, BY_KEY
 
 AVERAGES = {
     "Avg-Math": [b.key for b in BENCHMARKS if b.group == "math"],
@@ -54,11 +54,20 @@ def _average_header(name: str, accuracy: Mapping[str, float]) -> str:
     return name if present in (0, len(keys)) else f"{name} ({present}/{len(keys)})"
 
 
+def _custom(accuracy: Mapping[str, float]) -> list[str]:
+    """Benchmarks of the user's own (not among the ten), in the order measured."""
+    return [k for k in accuracy if k not in BY_KEY]
+
+
 def markdown_table(accuracy: Mapping[str, float], label: str = "model") -> str:
-    """One row: the ten benchmarks in the paper's order, then Avg-Math, Avg-Vision, Overall."""
+    """One row: the ten benchmarks in the paper's order, then Avg-Math, Avg-Vision, Overall, then any
+    benchmark of the user's own (in no average)."""
     avg = averages(accuracy)
-    header = ["model"] + [b.column for b in BENCHMARKS] + [_average_header(n, accuracy) for n in AVERAGES]
-    row = [label] + [fmt(accuracy.get(b.key)) for b in BENCHMARKS] + [fmt(avg[n]) for n in AVERAGES]
+    custom = _custom(accuracy)
+    header = (["model"] + [b.column for b in BENCHMARKS] + [_average_header(n, accuracy) for n in AVERAGES]
+              + custom)
+    row = ([label] + [fmt(accuracy.get(b.key)) for b in BENCHMARKS] + [fmt(avg[n]) for n in AVERAGES]
+           + [fmt(accuracy[k]) for k in custom])
     rule = "|---|" + "---:|" * (len(header) - 1)
     return "\n".join(["| " + " | ".join(header) + " |", rule, "| " + " | ".join(row) + " |"])
 
@@ -68,10 +77,10 @@ def results_csv(per_benchmark: Mapping[str, dict], accuracy: Mapping[str, float]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["name", "column", "accuracy", "items", "samples", "correct", "skipped"])
-    for b in BENCHMARKS:
-        if b.key in per_benchmark:
-            r = per_benchmark[b.key]
-            w.writerow([b.key, b.column, fmt(r["accuracy"], 4), r["items"], r["samples"], r["correct"],
+    for key, column in [(b.key, b.column) for b in BENCHMARKS] + [(k, k) for k in per_benchmark if k not in BY_KEY]:
+        if key in per_benchmark:
+            r = per_benchmark[key]
+            w.writerow([key, column, fmt(r["accuracy"], 4), r["items"], r["samples"], r["correct"],
                         sum(r["skipped"].values())])
     for name, value in averages(accuracy).items():
         w.writerow([name, _average_header(name, accuracy), fmt(value, 4), "", "", "", ""])

@@ -110,7 +110,7 @@ def load_benchmarks(cfg: EvalConfig, files: dict[str, Path], processor, output: 
     prepared = _broadcast(prepared, rank)  # also the other ranks' wait for the files
     data_cfg = DataConfig(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     out = []
-    for b in select(files):
+    for b in select(files, custom=files):
         fmt, path = prepared[b.key]
         try:
             dataset = PromptDataset([str(path)], data_cfg, processor, cfg.max_prompt_length, PROMPT_TEMPLATE)
@@ -272,7 +272,8 @@ def _run(cfg: EvalConfig, engine: Optional[RolloutEngine], rank: int) -> Optiona
     from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
 
     output = Path(cfg.output or Path("eval_results") / Path(cfg.model).absolute().name)
-    files = locate(select(cfg.benchmarks), cfg.data_root, parse_file_overrides(cfg.files))
+    overrides = parse_file_overrides(cfg.files)
+    files = locate(select(cfg.benchmarks, custom=overrides), cfg.data_root, overrides)
     model_dir = resolve_model(cfg.model, output, cfg.hf_config, rank)
     cfg = fit_context(cfg, context_length(model_dir))
     settings = settings_of(cfg, model_dir)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -82,6 +82,7 @@ class AdvantageShaper(ABC):
 
     name: str = ""
     supports_current: bool = False  # may run on the current policy inside update micro-batches
+    needs_tokenizer: bool = False  # from_config receives the tokenizer (e.g. to locate tags in responses)
 
     def __init__(self, current: bool = False):
         if current and not self.supports_current:
@@ -90,8 +91,9 @@ class AdvantageShaper(ABC):
         self.current = current
 
     @classmethod
-    def from_config(cls, algorithm, current: bool = False) -> "AdvantageShaper":
-        """The shaper of an ``AlgorithmConfig`` (it reads its own section only)."""
+    def from_config(cls, algorithm, current: bool = False, tokenizer=None) -> "AdvantageShaper":
+        """The shaper of an ``AlgorithmConfig`` (it reads its own section only); ``tokenizer`` (the
+        policy's Hugging Face tokenizer, or None) is passed only to shapers with ``needs_tokenizer``."""
         raise NotImplementedError
 
     @abstractmethod
@@ -147,7 +149,8 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {}
 
 
 def register_shaper(cls: type[AdvantageShaper]) -> type[AdvantageShaper]:
-    """Class decorator: registers a shaper under its ``name``; built with ``cls.from_config(algorithm, current)``."""
+    """Class decorator: registers a shaper under its ``name``; built with ``cls.from_config(algorithm, current)``
+    (plus ``tokenizer=`` when the class ``needs_tokenizer``)."""
     SHAPERS[cls.name] = cls
     return cls
 
@@ -183,3 +186,70 @@ def k3(a: torch.Tensor, b: torch.Tensor, clamp_log_ratio: float = 20.0) -> torch
     to ``[-clamp, clamp]`` first (METHODS_SPEC section 0)."""
     delta = (a - b).clamp(-clamp_log_ratio, clamp_log_ratio)
     return delta.exp() - delta - 1.0
+
+
+# ------------------------------------------------------------------------------ rollout-side methods
+
+@dataclass
+class RewardInputs:
+    """A graded rollout batch as a reward term sees it: ``N`` responses, the same on every rank."""
+
+    examples: Sequence[Any]  # [N] each response's PromptExample (claims, row id, images)
+    responses: Sequence[str]  # [N] decoded response text
+    accuracy: torch.Tensor  # [N] float
+    format: torch.Tensor  # [N] float
+    keys: Sequence[str]  # [N] a response's key within its prompt (for seeding): its index in the group
+    seed: int
+    step: int
+    probe: Callable[[Sequence[tuple[Any, list[int]]], Sequence[int]], list[int]]
+    """``probe([(example, continuation_ids), ...], allowed_token_ids)`` -> one greedy token per probe
+    from the engine's current weights: each probe is the example's prompt (images included) followed
+    by ``continuation_ids`` inside the assistant turn. Batched over the rollout groups; collective (every
+    rank calls it with the same probes)."""
+
+
+@dataclass
+class RewardTermResult:
+    term: torch.Tensor  # [N] added to each response's reward
+    metrics: dict[str, float] = field(default_factory=dict)  # the same on every rank
+
+
+class RolloutMethod(ABC):
+    """A method acting in the rollout and reward phase: extra image views to generate on (each prompt
+    gets ``rollout.n`` more responses per view, in its group) and/or a term added to the reward before
+    dynamic sampling. Both default to nothing. Registered by ``name``; ``algorithm.rollout_methods``
+    lists the active ones; each reads its own config section."""
+
+    name: str = ""
+    num_views: int = 0
+    """Extra image views per prompt (``generation_views`` returns this many at every step): a group
+    holds ``rollout.n * (1 + num_views)`` responses."""
+    filter_on: Optional[str] = None
+    """The dynamic-sampling signal the method relies on ("reward": groups whose total rewards differ
+    train even when their accuracies are equal); a mismatch with the config is warned about."""
+
+    @classmethod
+    def from_config(cls, algorithm, tokenizer) -> "RolloutMethod":
+        raise NotImplementedError
+
+    def generation_views(self, step: int, total_steps: int) -> tuple[ImageView, ...]:
+        """Image views each prompt is also generated on at ``step`` (``rollout.n`` responses each)."""
+        return ()
+
+    def reward(self, inputs: RewardInputs) -> Optional[RewardTermResult]:
+        """A term added to the rewards of a graded batch (None: none)."""
+        return None
+
+    def metrics(self, step: int, total_steps: int) -> dict[str, float]:
+        """Per-step values to log (e.g. a schedule's current value)."""
+        return {}
+
+
+ROLLOUT_METHODS: dict[str, type[RolloutMethod]] = {}
+
+
+def register_rollout_method(cls: type[RolloutMethod]) -> type[RolloutMethod]:
+    """Class decorator: registers a rollout-side method under its ``name``; built with
+    ``cls.from_config(algorithm, tokenizer)``."""
+    ROLLOUT_METHODS[cls.name] = cls
+    return cls

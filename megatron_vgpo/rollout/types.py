@@ -60,6 +60,8 @@ class SamplingParams:
     engine's own random stream (not reproducible across batch compositions)."""
     ignore_eos: bool = False
     """Keep generating after EOS (benchmarks and tests)."""
+    allowed_token_ids: Optional[tuple[int, ...]] = None
+    """Sample only among these tokens (e.g. VAPO's one-token yes/no probes); None: the whole vocabulary."""
 
     @classmethod
     def from_rollout_config(cls, rollout, validation: bool = False, seed: Optional[int] = None) -> "SamplingParams":

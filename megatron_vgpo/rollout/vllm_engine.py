@@ -229,6 +229,7 @@ class VLLMRolloutEngine:
         return VLLMSamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=sampling.max_tokens, ignore_eos=sampling.ignore_eos, logprobs=0, detokenize=False,
+            allowed_token_ids=list(sampling.allowed_token_ids) if sampling.allowed_token_ids else None,
             seed=None if sampling.seed is None else sampling.seed + index * sampling.n)
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> RolloutBatch:

@@ -5,6 +5,8 @@ A random tiny model never writes ``\boxed{}``, so every reward is 0 and RL has n
 trains on the train prompts with targets ``format_target(X)`` where ``X`` is drawn uniformly from
 the answers of the warm-up batch, independently of the row (the answer VOCABULARY is learnt; which
 answer goes with which image is not): afterwards accuracy is at chance and the format reward at 1.
+A multi-part row (``PromptExample.parts``) gets ``rewards.parts.structured_target`` instead: its
+parts' names in its order, a random count from the batch's part counts in every slot, their sum boxed.
 
 The supervised step is the trainer's own PPO update: with ``old_logprobs`` from a forward pass of the
 same weights, the ratio is 1 on the first (only) optimizer step of each batch, and with advantage 1
@@ -25,6 +27,7 @@ from typing import Sequence
 import torch
 
 from megatron_vgpo.data import PromptDataLoader
+from megatron_vgpo.rewards.parts import count_values, structured_target
 from megatron_vgpo.training.experience import build_experience
 from megatron_vgpo.training.micro_batch import RowImages
 
@@ -62,8 +65,11 @@ def format_warmup(actor, rollouts, cfg, groups, log) -> None:
     rollouts.sleep()  # training only: the engine's memory is free until the next weight sync
     for step in range(1, wcfg.steps + 1):
         examples = loader.next_batch()
-        targets = [tokenizer.encode(format_target(a), add_special_tokens=False) + [eot]
-                   for a in random_answers([ex.answer for ex in examples], rng)]
+        texts = random_answers([ex.answer for ex in examples], rng)
+        counts = count_values(ex.parts for ex in examples if ex.parts)
+        texts = [structured_target(ex.parts, rng, counts) if ex.parts else format_target(a)
+                 for ex, a in zip(examples, texts)]
+        targets = [tokenizer.encode(t, add_special_tokens=False) + [eot] for t in texts]
         ids = list(range(groups.dp_rank, len(examples), groups.dp_size))  # this DP rank's rows
         mine = [examples[i] for i in ids]
         images = RowImages.from_prompts(mine, rollouts.pixel_spec, load_pixels=groups.is_first_stage)

@@ -19,17 +19,22 @@ Colocation (engine and trainer share the devices), one step::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from megatron_vgpo.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
 from megatron_vgpo.data.loader import val_batch_ranges
 from megatron_vgpo.data.prefetch import ImagePrefetcher, Prepared
+from megatron_vgpo.methods.base import RewardInputs, RolloutMethod
+from megatron_vgpo.methods.views import perturbed_images
 from megatron_vgpo.models.qwen2_5_vl.pixels import PixelSpec
 from megatron_vgpo.rewards.distributed import DistributedGrader, PendingGrades, rank_scorer
+from megatron_vgpo.rewards.parts import grade_parts, part_accuracy
 from megatron_vgpo.rollout.data_parallel import generate_data_parallel, share
 from megatron_vgpo.rollout.metrics import logprob_mismatch
 from megatron_vgpo.rollout.types import RolloutBatch, RolloutRequest, SamplingParams
@@ -52,6 +57,7 @@ class RolloutStep:
     response_logprobs: list = field(default_factory=list)
     group_ids: list = field(default_factory=list)
     rewards: list = field(default_factory=list)
+    noisy: list = field(default_factory=list)  # generated on a perturbed image view (NoisyRollout's extra rows)
     group_order: list = field(default_factory=list)  # kept group ids, in order
     metrics: dict = field(default_factory=dict)
 
@@ -87,7 +93,8 @@ class _Generated:
 
     indices: list[int]  # dataset indices of its prompts (its loader batch)
     prepared: Prepared  # its examples and this rollout group's decoded images
-    batch: RolloutBatch
+    batch: RolloutBatch  # request_index: the row's prompt (position in ``examples``)
+    noisy: list[bool]  # [rows] generated on an extra image view (a rollout method's), not the original
 
     @property
     def examples(self) -> list:
@@ -106,10 +113,16 @@ class _Tally:
     errors: int = 0  # grading calls that raised (scored 0)
     timeouts: int = 0  # grading calls that ran past reward.timeout_s (scored 0)
     clipped: int = 0
+    method: dict = field(default_factory=dict)  # rollout methods' metrics: name -> one value per batch
+
+    def add_method_metrics(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.method.setdefault(name, []).append(value)
 
     def metrics(self, out: RolloutStep) -> dict:
         n = len(self.lengths)
         return {
+            **{name: sum(v) / len(v) for name, v in self.method.items()},  # mean over the step's batches
             "reward/accuracy": sum(self.accuracy) / n, "reward/format": sum(self.format) / n,
             "reward/error_rate": self.errors / n, "reward/timeout_rate": self.timeouts / n,
             "response_length/mean": sum(self.lengths) / n, "response_length/max": float(max(self.lengths)),
@@ -122,14 +135,17 @@ class Rollouts:
     """Engine, tokenizer, data, rewards and the resharder, driven by the trainer.
 
     ``scorer``: this rank's ``RewardScorer`` (None: one is built from ``cfg.reward``, its pool sized to
-    the node); every rank grades a share of each batch.
+    the node); every rank grades a share of each batch. ``rollout_methods``: the configured
+    ``RolloutMethod``s (extra generation views, reward terms; ``Methods.rollout``).
     """
 
     PASS_RATE_WINDOW = 8
     """Recent batches whose dynamic-sampling pass rates decide speculation (``_worth_speculating``)."""
 
-    def __init__(self, cfg, engine, resharder, processor, train_loader, scorer, groups, rollout_groups):
+    def __init__(self, cfg, engine, resharder, processor, train_loader, scorer, groups, rollout_groups,
+                 rollout_methods=()):
         self.cfg, self.engine, self.resharder, self.processor = cfg, engine, resharder, processor
+        self.rollout_methods = list(rollout_methods)
         self.train_loader, self.groups, self.rollout_groups = train_loader, groups, rollout_groups
         self.grader = DistributedGrader(scorer if scorer is not None else rank_scorer(cfg.reward))
         self.prefetcher = ImagePrefetcher()
@@ -163,16 +179,48 @@ class Rollouts:
                                            for p in self._share_positions(len(examples))})
         return prepared
 
-    def _generate(self, prepared: Prepared, sampling: SamplingParams) -> RolloutBatch:
-        """Responses to the batch (every rank gets them all); this rank's rollout group makes the
-        requests of its share of the prompts, with the images ``prepared`` holds."""
+    def _images(self, prepared: Prepared):
+        """``example -> its decoded images``: those ``prepared`` holds, else decoded now."""
         images = {id(prepared.examples[p]): im for p, im in prepared.images.items()}
 
-        def request(example) -> RolloutRequest:
+        def get(example):
             mine = images.get(id(example))
-            return RolloutRequest(example.input_ids.tolist(), mine if mine is not None else example.load_images())
+            return mine if mine is not None else example.load_images()
+        return get
 
-        return generate_data_parallel(self.engine, prepared.examples, sampling, self.rollout_groups, request)
+    def _generate(self, prepared: Prepared, sampling: SamplingParams, views: tuple = (),
+                  step: int = 0) -> tuple[RolloutBatch, list[bool]]:
+        """``(responses, noisy)`` to the batch (every rank gets them all): ``sampling.n`` per prompt
+        on its images, then ``sampling.n`` per extra image ``view`` (a rollout method's, perturbed
+        per prompt from ``(rollout.seed, step, row id)``), the prompt's rows contiguous;
+        ``request_index`` is the prompt's position. This rank's rollout group makes the requests of
+        its share, with the images ``prepared`` holds."""
+        images, per = self._images(prepared), 1 + len(views)
+
+        def request(item) -> RolloutRequest:
+            example, view = item
+            if view is None:
+                return RolloutRequest(example.input_ids.tolist(), images(example))
+            noisy = perturbed_images(view, example, self.pixel_spec, self.cfg.rollout.seed, step, example.row_id)
+            return RolloutRequest(example.input_ids.tolist(),
+                                  [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in noisy])
+
+        items = [(e, v) for e in prepared.examples for v in (None, *views)]
+        batch = generate_data_parallel(self.engine, items, sampling, self.rollout_groups, request)
+        noisy = [i % per != 0 for i in batch.request_index]
+        batch.request_index = [i // per for i in batch.request_index]
+        return batch, noisy
+
+    def _probe(self, prepared: Prepared, probes, allowed_token_ids) -> list[int]:
+        """One greedy token per probe ``(example, continuation ids)`` (``RewardInputs.probe``): the
+        example's prompt and images, then the continuation, answered by the engine's current
+        weights among ``allowed_token_ids``. Shared over the rollout groups; -1 for an empty answer."""
+        images = self._images(prepared)
+        sampling = SamplingParams(n=1, max_tokens=1, temperature=0.0, allowed_token_ids=tuple(allowed_token_ids))
+        batch = generate_data_parallel(
+            self.engine, list(probes), sampling, self.rollout_groups,
+            lambda probe: RolloutRequest(probe[0].input_ids.tolist() + list(probe[1]), images(probe[0])))
+        return [tokens[0] if tokens else -1 for tokens in batch.response_token_ids]
 
     def _train_examples(self, indices: list[int]):
         return lambda: [self.train_loader.dataset[i] for i in indices]
@@ -202,7 +250,8 @@ class Rollouts:
             self._prefetch(("train", tuple(after)), self._train_examples(after))
         seed = self.cfg.rollout.seed + (step * 1000 + attempt) * 100003
         sampling = SamplingParams.from_rollout_config(self.cfg.rollout, seed=seed)
-        return _Generated(indices, prepared, self._generate(prepared, sampling))
+        views = tuple(v for m in self.rollout_methods for v in m.generation_views(step, self.cfg.trainer.total_steps))
+        return _Generated(indices, prepared, *self._generate(prepared, sampling, views, step))
 
     def _keep(self, ahead: _Generated) -> _Generated:
         """Take a speculative batch from the loader: it is needed."""
@@ -244,7 +293,8 @@ class Rollouts:
                 ahead = self._generate_batch(step, attempt + 1, max_batches, take=False)
             with timer("reward"):
                 results = grading.result()
-            self._add_batch(out, tally, current, results, last_chance=attempt == max_batches - 1)
+            self._add_batch(out, tally, current, results, last_chance=attempt == max_batches - 1, step=step,
+                            timer=timer)
             if len(out.group_order) >= cfg.data.rollout_batch_size or attempt == max_batches - 1:
                 if ahead is not None:
                     self._drop(ahead)
@@ -257,11 +307,41 @@ class Rollouts:
             self._prefetch(("train", tuple(first)), self._train_examples(first))
         self.sleep()  # training next
         out.metrics = tally.metrics(out)
+        for method in self.rollout_methods:
+            out.metrics.update(method.metrics(step, cfg.trainer.total_steps))
         return out
 
+    def _reward_terms(self, generated: _Generated, results: list, step: int) -> tuple[torch.Tensor, dict]:
+        """``([N] sum of the rollout methods' reward terms, their metrics)`` for a graded batch."""
+        batch, examples = generated.batch, generated.examples
+        total, metrics = torch.zeros(len(batch), device="cpu"), {}
+        methods = [m for m in self.rollout_methods if type(m).reward is not RolloutMethod.reward]
+        if not methods:
+            return total, metrics
+        rows_of: dict[int, int] = {}
+        keys = []
+        for i in batch.request_index:  # a row's key: its index within its prompt's rows
+            keys.append(str(rows_of.get(i, 0)))
+            rows_of[i] = rows_of.get(i, 0) + 1
+        inputs = RewardInputs(
+            examples=[examples[i] for i in batch.request_index],
+            responses=self.processor.tokenizer.batch_decode(batch.response_token_ids, skip_special_tokens=True),
+            accuracy=torch.tensor([r.accuracy for r in results], dtype=torch.float32, device="cpu"),
+            format=torch.tensor([r.format for r in results], dtype=torch.float32, device="cpu"),
+            keys=keys, seed=self.cfg.rollout.seed, step=step,
+            probe=lambda probes, allowed: self._probe(generated.prepared, probes, allowed))
+        for method in methods:
+            result = method.reward(inputs)
+            if result is not None:
+                total += result.term
+                metrics.update(result.metrics)
+        return total, metrics
+
     def _add_batch(self, out: RolloutStep, tally: _Tally, generated: _Generated, results: list,
-                   last_chance: bool) -> None:
-        """Give a graded batch its group ids, add it to the tally, and its surviving groups to ``out``."""
+                   last_chance: bool, step: int = 0, timer=None) -> None:
+        """Give a graded batch its group ids, add the rollout methods' reward terms (timed as
+        ``probes``), add it to the tally, and its surviving groups to ``out``. Dynamic sampling keeps
+        the groups whose ``algorithm.dynamic_sampling.metric`` (accuracy, or the total reward) varies."""
         cfg, alg = self.cfg, self.cfg.algorithm
         examples, batch = generated.examples, generated.batch
         tally.sampled += 1
@@ -270,6 +350,11 @@ class Rollouts:
         acc = torch.tensor([r.accuracy for r in results], dtype=torch.float32)
         rewards = torch.tensor([r.total for r in results], dtype=torch.float32)
         lens = torch.tensor(batch.response_lengths)
+        if self.rollout_methods:
+            with timer("probes") if timer is not None else contextlib.nullcontext():
+                terms, term_metrics = self._reward_terms(generated, results, step)
+            rewards += terms
+            tally.add_method_metrics(term_metrics)
         if alg.overlong.enable:
             rewards += overlong_penalty(lens, cfg.rollout.max_response_length, alg.overlong.buffer_length,
                                         alg.overlong.penalty_factor)
@@ -280,7 +365,8 @@ class Rollouts:
         tally.lengths += lens.tolist()
         tally.clipped += sum(f == "length" for f in batch.finish_reasons)
         dyn = alg.dynamic_sampling.enable
-        keep = dynamic_sampling_keep(acc, torch.tensor(gids)) if dyn else torch.ones(len(gids), dtype=torch.bool)
+        signal = rewards if alg.dynamic_sampling.metric == "reward" else acc
+        keep = dynamic_sampling_keep(signal, torch.tensor(gids)) if dyn else torch.ones(len(gids), dtype=torch.bool)
         passed = len({gids[r] for r in torch.nonzero(keep).flatten().tolist()})
         tally.passed += passed
         self._pass_rates.append(passed / max(len(examples), 1))
@@ -295,6 +381,7 @@ class Rollouts:
             out.response_logprobs.append(batch.response_logprobs[r])
             out.group_ids.append(gids[r])
             out.rewards.append(float(rewards[r]))
+            out.noisy.append(generated.noisy[r])
             if gids[r] not in out.group_order:
                 out.group_order.append(gids[r])
 
@@ -306,7 +393,7 @@ class Rollouts:
             return
         kept = set(out.group_order[:keep])
         rows = [r for r, g in enumerate(out.group_ids) if g in kept]
-        for name in ("prompts", "responses", "response_logprobs", "group_ids", "rewards"):
+        for name in ("prompts", "responses", "response_logprobs", "group_ids", "rewards", "noisy"):
             values = getattr(out, name)
             setattr(out, name, [values[r] for r in rows])
         out.group_order = out.group_order[:keep]
@@ -331,31 +418,44 @@ class Rollouts:
         sampling = SamplingParams.from_rollout_config(self.cfg.rollout, validation=True, seed=self.cfg.rollout.seed)
         chunks = val_batch_ranges(len(val_set), self.cfg.data.val_batch_size)
         correct: dict[str, list[float]] = {}
+        parts: list[tuple[str, list[bool]]] = []
         pending = None
         for k, rows in enumerate(chunks):
             prepared = self._inputs(("val", id(val_set), rows.start), lambda: [val_set[i] for i in rows])
             if k + 1 < len(chunks):
                 after = chunks[k + 1]
                 self._prefetch(("val", id(val_set), after.start), lambda: [val_set[i] for i in after])
-            batch = self._generate(prepared, sampling)
+            batch, _ = self._generate(prepared, sampling)
             if pending is not None:
                 self._count_correct(correct, *pending)
             pending = (prepared.examples, batch, self._submit_grading(prepared.examples, batch))
+            parts += self._grade_parts(prepared.examples, batch)
         if pending is not None:
             self._count_correct(correct, *pending)
         metrics = {f"val/accuracy/{name}": sum(v) / len(v) for name, v in correct.items()}
         every = [a for v in correct.values() for a in v]
         metrics["val/accuracy"] = sum(every) / max(len(every), 1)
+        metrics.update(part_accuracy(parts))
         return metrics
+
+    def _grade_parts(self, examples, batch: RolloutBatch) -> list[tuple[str, list[bool]]]:
+        """``(dataset, per-position correctness)`` of the batch's multi-part rows (``val/part_accuracy``)."""
+        rows = [r for r, i in enumerate(batch.request_index) if examples[i].parts]
+        texts = self.processor.tokenizer.batch_decode([batch.response_token_ids[r] for r in rows],
+                                                      skip_special_tokens=True)
+        return [(examples[batch.request_index[r]].source, grade_parts(t, examples[batch.request_index[r]].parts))
+                for r, t in zip(rows, texts)]
 
     @staticmethod
     def _count_correct(correct: dict, examples, batch: RolloutBatch, grading: PendingGrades) -> None:
         for r, res in zip(batch.request_index, grading.result()):
             correct.setdefault(examples[r].source, []).append(res.accuracy)
 
-    def mismatch_metrics(self, exp) -> dict:
-        """rollout/logprob_mismatch_{mean,max}: engine vs trainer log-probs of the sampled tokens."""
-        mismatch = logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.response_mask)
+    def mismatch_metrics(self, exp, batch: RolloutStep) -> dict:
+        """rollout/logprob_mismatch_{mean,max}: engine vs trainer log-probs of the sampled tokens, over
+        the rows generated on the images the trainer sees (not NoisyRollout's noisy rows)."""
+        clean = torch.tensor([not batch.noisy[r] for r in exp.rows], dtype=torch.bool, device=exp.device)
+        mismatch = logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.response_mask & clean.unsqueeze(-1))
         if self.groups.dp_size > 1:
             mismatch = mismatch.all_reduce(self.groups.dp_group)
         return mismatch.metrics("rollout/")

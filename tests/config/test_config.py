@@ -89,6 +89,10 @@ def test_every_field_is_overridable(path, tp, default):
         overrides[0] = f"{path}=[entropy]"
     if path == "algorithm.loss_terms":
         overrides[0] = f"{path}=[papo]"
+    if path in ("data.claim_key", "data.claim_label_key"):
+        overrides[0] = f"{path}=other_{{i}}"
+    if path == "algorithm.rollout_methods":
+        overrides[0] = f"{path}=[noisy_rollout]"
     if path == "trainer.stop_signals":
         overrides[0] = f"{path}=[SIGINT]"
     cfg = load_config(None, overrides)

@@ -40,3 +40,18 @@ def test_all_ten_columns_in_paper_order():
     assert header == ("| model | MathVista | MathVerse | WeMath | MMK12 | GeoMath | Geo3k | LogicVista | Counting | "
                       "MMMU-Pro | MathVerse-V | Avg-Math | Avg-Vision | Overall |")
     assert averages(PAPER_VGPO)["Overall"] == pytest.approx(65.28)
+
+
+def test_custom_benchmarks_get_their_own_columns_outside_the_averages():
+    """A file of the user's own (``--files val=...``): its column after the paper's, in no average."""
+    from megatron_vgpo.evaluation.benchmarks import parse_file_overrides, select
+    from megatron_vgpo.evaluation.report import markdown_table
+
+    files = parse_file_overrides(["geo3k=/d/g.parquet", "val=/d/val.parquet", "val_blank=/d/b.parquet"])
+    assert set(files) == {"geo3k", "val", "val_blank"}
+    chosen = select(["val", "geo3k", "val_blank"], custom=files)
+    assert [b.key for b in chosen] == ["geo3k", "val", "val_blank"] and chosen[1].group == "custom"
+    header, _, row = markdown_table({"geo3k": 50.0, "val": 80.0, "val_blank": 25.0}).splitlines()
+    assert header.split(" | ")[-2:] == ["val", "val_blank |"]
+    cells = [c.strip() for c in row.strip("| ").split("|")]
+    assert cells[-5:] == ["50.0", "-", "50.0", "80.0", "25.0"]  # Avg-Math (1/6), Avg-Vision, Overall, val, val_blank

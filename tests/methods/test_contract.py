@@ -114,7 +114,7 @@ SHAPER_CASES += EXTRA_SHAPERS
 
 
 def test_registries_hold_the_documented_methods():
-    assert set(SHAPERS) == {"vgpo", "entropy", "vppo"}
+    assert set(SHAPERS) == {"vgpo", "entropy", "vppo", "srpo"}
     assert set(LOSS_TERMS) == {"papo"}
     for name, cls in {**SHAPERS, **LOSS_TERMS}.items():
         assert cls.name == name

@@ -117,7 +117,7 @@ def seam(actor: Actor, cfg, step: RolloutStep, processor, groups) -> dict:
     trainer.methods = build_methods(cfg.algorithm)
     trainer.rollouts = types.SimpleNamespace(
         pixel_spec=PixelSpec.from_processor(processor.image_processor), pad_token_id=tok.pad_token_id,
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), mismatch_metrics=lambda exp: {})
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), mismatch_metrics=lambda exp, batch: {})
     exp = trainer.compute_logprobs_and_statistics(step, StepTimer())
     trainer.compute_advantages(step, exp)
     out = {}
