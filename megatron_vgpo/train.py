@@ -16,9 +16,30 @@ import sys
 from megatron_vgpo.config import ConfigError, dump_yaml, load_config, validate
 
 
+class HelpConfig(argparse.Action):
+    """``--help-config [PREFIX]``: every config field under ``PREFIX`` with its type, default and
+    documentation (the README's config reference), then exit, as ``--help`` does."""
+
+    def __call__(self, parser, namespace, prefix, option_string=None):
+        print(config_help(prefix or ""))
+        parser.exit()
+
+
+def config_help(prefix: str = "") -> str:
+    """``path (type, default X): help`` of every config field whose dotted path starts with ``prefix``."""
+    from megatron_vgpo.config.reference import _type_name, iter_fields
+    from megatron_vgpo.config.schema import Config
+
+    lines = [f"{path} ({_type_name(tp)}, default {default!r}): {help}"
+             for path, tp, default, help in iter_fields(Config) if path.startswith(prefix)]
+    return "\n".join(lines) or f"no config field starts with {prefix!r}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m megatron_vgpo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--help-config", nargs="?", const="", metavar="PREFIX", action=HelpConfig,
+                   help="print the config fields under PREFIX (e.g. algorithm.srpo) with their documentation, exit")
     p.add_argument("--config", required=True, help="YAML config file (see examples/configs/)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and layout, exit")
     p.add_argument("--world-size", type=int, default=None,

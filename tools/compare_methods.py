@@ -40,9 +40,11 @@ sys.path.insert(0, str(REPO))
 
 TASKS = {  # task -> (config, generator arguments)
     "counting": ("examples/configs/cpu_tiny.yaml",
-                 ["--train", "2048", "--val", "128", "--seed", "0", "--cell", "28", "--max-distractors", "1"]),
-    "multicount": ("examples/configs/cpu_tiny_forgetting.yaml", ["--task", "multicount", "--seed", "0"]),
+                 ["--train", "2048", "--val", "128", "--seed", "0", "--cell", "28", "--max-distractors", "1",
+                  "--claims", "8"]),
+    "multicount": ("examples/configs/cpu_tiny_forgetting.yaml", ["--task", "multicount", "--seed", "0", "--claims", "8"]),
 }
+"""Claims (for VAPO) have their own generator: the images and answers are those without them."""
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")

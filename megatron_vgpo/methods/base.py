@@ -1,4 +1,4 @@
-"""The plug-in seam for visual-faithfulness methods: three kinds of component, each registered by name.
+"""The plug-in seam for visual-faithfulness methods: four kinds of component, each registered by name.
 
 - **Token statistics** (``TokenStatistic``): a ``[b, L]`` float per micro-batch, computed on the last
   pipeline stage from ONE forward pass over one image view (``views.ImageView``: the original images
@@ -14,6 +14,11 @@
 - **Loss terms** (``LossTerm``): functions of the current policy's output and precomputed statistics
   that return a token SUM (Megatron divides every micro-batch's loss by the mini-batch's global token
   count, so the term is an exact token mean), plus the sums of their diagnostics.
+
+- **Rollout-side methods** (``RolloutMethod``): act before the trainer sees the step - extra image
+  views each prompt is also generated on (NoisyRollout: its rows join the prompt's group) and a term
+  added to the reward of a graded batch before dynamic sampling (VAPO's perception reward, whose
+  probes the engine answers through ``RewardInputs.probe``).
 
 Every component has its own typed config section in ``AlgorithmConfig`` and reads only it. The
 trainer and the actor talk to ``Methods`` (``methods/__init__.py``), never to a method by name.

@@ -43,7 +43,7 @@ from typing import Optional
 
 from megatron_vgpo.distributed.layout import AUTO, ParallelLayout, PipelineSplit
 from megatron_vgpo.planning.architectures import ModelShape, VisionShape, decoder_layer_params, vision_block_params
-from megatron_vgpo.planning.memory import image_patches
+from megatron_vgpo.planning.memory import group_size, image_patches
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def workload_from_config(cfg, shape: ModelShape) -> Workload:
     return Workload(
         micro_batch_size=tr.micro_batch_size, seq_len=ro.max_prompt_length + ro.max_response_length,
         image_patches=image_patches(cfg.data.max_pixels, shape.vision, ro.max_prompt_length),
-        images_per_micro_batch=mean_distinct_images(tr.micro_batch_size, ro.n),
+        images_per_micro_batch=mean_distinct_images(tr.micro_batch_size, group_size(cfg)),
         recompute=cfg.model.recompute_activations, freeze_vision=cfg.model.freeze_vision)
 
 

@@ -303,6 +303,14 @@ def engine_activation_bytes(shape: ModelShape, tp: int, tokens: int, seqs: int, 
     return int(decoder + sampler + encoder)
 
 
+def group_size(cfg) -> int:
+    """Responses per prompt in a step: ``rollout.n`` per image view generated on (the original and
+    each extra view of ``algorithm.rollout_methods``, e.g. NoisyRollout's noisy copy)."""
+    from megatron_vgpo.methods import ROLLOUT_METHODS
+
+    return cfg.rollout.n * (1 + sum(ROLLOUT_METHODS[name].num_views for name in cfg.algorithm.rollout_methods))
+
+
 def distinct_images(micro_batch_size: int, n: int) -> int:
     """Most distinct images in a micro-batch: the rows of a prompt (``n`` responses, one image) are
     adjacent and whole on a data-parallel rank, and micro-batches of ``b`` rows start at multiples of
@@ -493,10 +501,11 @@ def plan_from_config(cfg, layout: ParallelLayout, gpu: Gpu, shape: ModelShape,
     ro, data, tr = cfg.rollout, cfg.data, cfg.trainer
     max_patches = image_patches(data.max_pixels, shape.vision, ro.max_prompt_length)
     pixels = max_patches * shape.vision.pixels_per_patch
-    responses, b = tr.global_batch_size * ro.n, tr.micro_batch_size
+    group = group_size(cfg)
+    responses, b = tr.global_batch_size * group, tr.micro_batch_size
     train = TrainShapes(
         micro_batch_size=tr.micro_batch_size, seq_len=ro.max_prompt_length + ro.max_response_length,
-        image_pixels=pixels, images_per_micro_batch=distinct_images(b, ro.n),
+        image_pixels=pixels, images_per_micro_batch=distinct_images(b, group),
         micro_batches=math.ceil(responses / layout.dp / tr.micro_batch_size),
         recompute=cfg.model.recompute_activations, sequence_parallel=cfg.parallel.sequence_parallel,
         flash_attention=cfg.model.attention_backend != "local", freeze_vision=cfg.model.freeze_vision,

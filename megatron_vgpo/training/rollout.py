@@ -8,7 +8,10 @@ are used: for generation, by the ranks of the rollout group that generates the p
 background thread, while the engine generates the batch before); for training, by ``Experience``
 building on the first pipeline stage of the data-parallel rank that trains it. Every rank grades a
 share of each batch (``rewards/distributed.py``), while the engine generates the next batch when
-dynamic sampling will most likely need it (``Rollouts.sample``).
+dynamic sampling will most likely need it (``Rollouts.sample``). The rollout-side methods
+(``algorithm.rollout_methods``) add image views to generate on (NoisyRollout's noisy rows, in the
+prompt's group) and reward terms computed after grading, before dynamic sampling (VAPO's probes,
+answered by the engine: ``timing_s/probes``).
 
 Colocation (engine and trainer share the devices), one step::
 

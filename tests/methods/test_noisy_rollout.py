@@ -132,3 +132,12 @@ def test_noisy_rows_are_left_out_of_the_mismatch_metric(noisy_step):
     metrics = rollouts.mismatch_metrics(exp, step)
     assert metrics["rollout/logprob_diff_max"] == pytest.approx(0.25)
     assert metrics["rollout/logprob_diff_mean"] == pytest.approx(0.25 / L)
+
+
+def test_the_memory_plan_counts_2n_responses_per_prompt():
+    from megatron_vgpo.config import load_config
+    from megatron_vgpo.planning.memory import group_size
+
+    assert group_size(load_config(None, ["rollout.n=6"])) == 6
+    assert group_size(load_config(None, ["rollout.n=6", "algorithm.rollout_methods=[noisy_rollout]"])) == 12
+    assert group_size(load_config(None, ["rollout.n=6", "algorithm.rollout_methods=[vapo]"])) == 6

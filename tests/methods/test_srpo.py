@@ -568,3 +568,17 @@ def test_a_training_step_with_srpo_on_the_tiny_model(tmp_path):
     assert metrics["srpo/rows_with_perception"] == 1.0
     assert 0 < metrics["srpo/weight_min"] <= 1 <= metrics["srpo/weight_max"]
     assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith("srpo/")), metrics
+
+
+def test_the_provisional_label_shows_in_the_config_help_of_the_cli():
+    """``python -m megatron_vgpo.train --help-config algorithm.srpo``: every SRPO field, each labelled."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_vgpo.train", "--help-config", "algorithm.srpo"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    fields = [path for path, *_ in iter_fields(AlgorithmConfig, "algorithm.") if path.startswith("algorithm.srpo.")]
+    assert [line.split(" ")[0] for line in lines] == fields
+    assert all("): [provisional] " in line for line in lines), lines
