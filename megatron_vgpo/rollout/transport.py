@@ -156,7 +156,24 @@ class _Unsharded(Mapping):
         return len(self.entries)
 
 
-class CollectiveTransport:
+class _OneBuffer:
+    """The lifecycle of a transport that moves every bucket through one reused device buffer
+    (``self.buffer``, None when closed): a tensor viewing it is overwritten by the next bucket."""
+
+    buffer: Optional[torch.Tensor] = None
+
+    def overwritten_next(self, tensor: torch.Tensor) -> bool:
+        return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
+
+    @property
+    def is_open(self) -> bool:
+        return self.buffer is not None
+
+    def close(self) -> None:
+        self.buffer = None
+
+
+class CollectiveTransport(_OneBuffer):
     def __init__(self, groups, device: torch.device):
         self.groups, self.device, self.buffer, self.traffic = groups, device, None, Traffic()
         self.tp_ranks = dist.get_process_group_ranks(groups.tp_group) if groups.tp_size > 1 else [groups.rank]
@@ -190,16 +207,6 @@ class CollectiveTransport:
             else:
                 self.traffic.received += _nbytes(moved)
         return _Unsharded(moved, {e.name: rows[e.name].view(e.rows, *e.shard_shape) for e in moved})
-
-    def overwritten_next(self, tensor: torch.Tensor) -> bool:
-        return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
-
-    @property
-    def is_open(self) -> bool:
-        return self.buffer is not None
-
-    def close(self) -> None:
-        self.buffer = None
 
 
 # ---- shared memory -------------------------------------------------------------------------------
@@ -297,7 +304,7 @@ class SharedMemoryTransport:
 
 # ---- shard to shard ------------------------------------------------------------------------------
 
-class ShardTransport:
+class ShardTransport(_OneBuffer):
     """The shard-to-shard path's transport (rollout TP = trainer TP, ``weight_sync.py``): a rank of a
     stage that does not own the bucket receives its own pieces of it (``pieces``: what its engine TP
     rank loads) from the owning stage's rank with the same TP rank, a member of its pipeline group:
@@ -343,16 +350,6 @@ class ShardTransport:
         self.traffic.sent += nbytes
         self.traffic.received += nbytes
         return nm.unshard(name, list(rows.view(g.tp_size, *shard.shape)))
-
-    def overwritten_next(self, tensor: torch.Tensor) -> bool:
-        return self.buffer is not None and tensor.untyped_storage().data_ptr() == self.buffer.data_ptr()
-
-    @property
-    def is_open(self) -> bool:
-        return self.buffer is not None
-
-    def close(self) -> None:
-        self.buffer = None
 
 
 def _writers(moved: list, tp_size: int) -> dict[str, int]:
