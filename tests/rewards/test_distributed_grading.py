@@ -18,6 +18,7 @@ CUSTOM = "tests.rewards.grading_fns:score"
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_four_ranks_grade_like_rank_zero_alone(tmp_path):
     run_torchrun("tests/rewards/grading_worker.py", 4, tmp_path, "check", timeout=300)
     report = json.loads((tmp_path / "check.json").read_text())

@@ -1,6 +1,6 @@
 """torchrun worker of ``test_weight_sync_shards.py``: Megatron TP2 x PP2 -> engine TP2 shard to shard, 4 ranks, gloo.
 
-    torchrun --nproc-per-node 4 shard_sync_worker.py MODEL_DIR OUT_DIR stream|engine
+    torchrun --nproc-per-node 4 shard_sync_worker.py MODEL_DIR OUT_DIR stream[,engine]
 
 ``stream``: the path each rollout TP gets (TP2: shard to shard, TP1: full tensors); the shard stream
 against the checkpoint, region by region (``vllm_region``), on every rank; the bytes each rank sent
@@ -11,7 +11,7 @@ checkpoint's full tensors.
 copied and greedy rollouts taken, then it is refilled with full tensors (the golden path) and the
 same again: the two copies must be identical tensor by tensor, on every rank.
 
-Every rank writes ``OUT_DIR/rank{r}.json``.
+Every rank writes ``OUT_DIR/rank{r}.json``: mode -> its results (one launch runs both).
 """
 
 from __future__ import annotations
@@ -127,9 +127,10 @@ def engine_checks(chunks, groups, model_dir: str) -> dict:
     return results
 
 
-def main(model_dir: str, out_dir: str, mode: str) -> None:
+def main(model_dir: str, out_dir: str, modes: str) -> None:
     chunks, groups = tp2_pp2_policy(model_dir)
-    results = stream_checks(chunks, groups, model_dir) if mode == "stream" else engine_checks(chunks, groups, model_dir)
+    checks = {"stream": stream_checks, "engine": engine_checks}
+    results = {mode: checks[mode](chunks, groups, model_dir) for mode in modes.split(",")}
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     destroy_parallel()
 

@@ -16,6 +16,7 @@ from megatron_vgpo.models.qwen2_5_vl import name_mapping as nm
 from megatron_vgpo.models.qwen2_5_vl.config import arch_from_hf
 from megatron_vgpo.models.qwen2_5_vl.loading import iter_safetensors
 from megatron_vgpo.rollout.transport import SharedMemoryTransport, _writers
+from megatron_vgpo.utils.deps import has
 from tests.conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("transport_worker.py")
@@ -71,6 +72,8 @@ def assert_streams_correct(got: dict, rank: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.skipif(has("vllm"), reason="with vLLM, test_weight_sync_distributed.py's launch runs these same checks "
+                    "(check_stream on both transports, assert_streams_correct) before its engines")
 def test_tp2_pp2_stream_through_both_transports(tiny_vl_dir, tmp_path):
     run_torchrun(WORKER, 4, tiny_vl_dir, tmp_path, timeout=600)
     for rank in range(4):

@@ -23,6 +23,7 @@ from megatron_vgpo.models.qwen2_5_vl.config import arch_from_hf, padded_vocab_si
 from megatron_vgpo.models.qwen2_5_vl.loading import iter_safetensors
 from megatron_vgpo.rollout.shard_sync import VLLM_VOCAB_PADDING, engine_pieces, vllm_region, vocab_aligned
 from megatron_vgpo.rollout.weight_sync import WeightResharder
+from megatron_vgpo.utils.deps import has
 from tests.conftest import run_torchrun
 from tests.rollout.conftest import requires_vllm
 
@@ -116,19 +117,23 @@ def test_path_choice_in_a_world_of_one(tiny_vl_dir, world_of_one, caplog):
     assert (shard.traffic.sent, shard.traffic.received) == (0, 0)
 
 
-def worker_results(tmp_path, model_dir, mode: str) -> list[dict]:
-    run_torchrun(WORKER, 4, model_dir, tmp_path, mode, timeout=900)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+@pytest.fixture(scope="module")
+def tp2_pp2_results(tiny_vl_dir, tmp_path_factory) -> list[dict]:
+    """Each rank's results of one 4-rank launch for both tests below: the stream checks, and the
+    engine checks too where vLLM is installed (a launch costs more than either check)."""
+    out = tmp_path_factory.mktemp("shard_sync")
+    run_torchrun(WORKER, 4, tiny_vl_dir, out, "stream,engine" if has("vllm") else "stream", timeout=900)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tp2_pp2_shard_stream_bytes_and_fallback(tiny_vl_dir, tmp_path):
+def test_tp2_pp2_shard_stream_bytes_and_fallback(tp2_pp2_results):
     """Without vLLM: every rank's engine stream holds vLLM's regions of the checkpoint's tensors; it
     receives the formula's bytes (its pieces of the other stage's parameters, plus the gathered
     vocabulary's TP share on its own stage), about 1/TP of the full path's; rollout TP1 falls back
     to full tensors."""
-    for rank, got in enumerate(worker_results(tmp_path, tiny_vl_dir, "stream")):
+    for rank, got in enumerate(r["stream"] for r in tp2_pp2_results):
         assert got["paths"] == {"rollout_tp2": "shard", "rollout_tp1": "full"}, rank
         assert got["regions_exact"] and got["names_complete"], rank
         assert got["fallback_equals_full"], rank
@@ -143,14 +148,14 @@ def test_tp2_pp2_shard_stream_bytes_and_fallback(tiny_vl_dir, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 @requires_vllm
-def test_tp2_pp2_to_vllm_tp2_bit_identical_to_full_path(tiny_vl_dir, processor, tmp_path):
+def test_tp2_pp2_to_vllm_tp2_bit_identical_to_full_path(tp2_pp2_results, tiny_vl_dir, processor):
     """A dummy-weight vLLM TP2 engine filled shard to shard, then refilled with full tensors: every
     engine tensor identical, on every rank, and the same greedy tokens (those of Hugging Face)."""
     from megatron_vgpo.rollout.vllm_engine import VISION_SPECIAL_TOKENS
     from tests.rollout.conftest import load_hf_model
     from tests.rollout.test_vllm_distributed import hf_references
 
-    ranks = worker_results(tmp_path, tiny_vl_dir, "engine")
+    ranks = [r["engine"] for r in tp2_pp2_results]
     banned = processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
     tokens, _, _ = hf_references(load_hf_model(tiny_vl_dir), processor, banned)
     for rank, got in enumerate(ranks):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,12 @@ from megatron_vgpo.distributed import destroy_parallel, init_parallel
 from megatron_vgpo.training.checkpointing import LATEST, MARKER, CheckpointManager, step_dir_name
 from tests.conftest import REPO
 from tests.training.tiny_loop import TinyData, build, seed_all, train_step
+from tests.training.worker_wait import wait_for_files
 
 WORKER = Path(__file__).with_name("async_ckpt_worker.py")
 
 
-def _wait_for(paths: list[Path], proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
-        if proc.poll() is not None:
-            pytest.fail(f"the worker exited {proc.returncode} before its write paused:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the worker did not pause in its write and train on within {timeout}s:\n"
-                        f"{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-
-
+@pytest.mark.slow
 def test_sigkill_during_async_write_keeps_previous_latest_and_resume_is_exact(tmp_path):
     save_dir, steps_json = tmp_path / "ckpt", tmp_path / "steps.json"
     assert not dist.is_initialized()
@@ -45,7 +34,8 @@ def test_sigkill_during_async_write_keeps_previous_latest_and_resume_is_exact(tm
         proc = subprocess.Popen([sys.executable, str(WORKER), str(save_dir), str(steps_json)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     # "trained": step 3 ran while the write of step 2 was paused, i.e. training did not wait for it.
-    _wait_for([tmp_path / "paused", tmp_path / "trained"], proc, log, timeout=300)
+    wait_for_files([tmp_path / "paused", tmp_path / "trained"], proc, log, timeout=300,
+                   what="pausing in its write and training on")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -14,6 +14,7 @@ WORKER = Path(__file__).with_name("multirank_ckpt_worker.py")
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_both_ranks_fall_back_to_the_same_checkpoint(tmp_path):
     out = run_torchrun(WORKER, 2, tmp_path / "ckpt", timeout=600)
     for label in ("one rank fails", "truncated shard"):

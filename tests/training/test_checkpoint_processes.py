@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,12 @@ from megatron_vgpo.distributed import destroy_parallel, init_parallel
 from megatron_vgpo.training.checkpointing import LATEST, CheckpointManager, step_dir_name
 from tests.conftest import REPO, run_torchrun
 from tests.training.tiny_loop import TinyData, build, seed_all, train_step
+from tests.training.worker_wait import wait_for_files
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the worker exited {proc.returncode} before pausing in its save:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the worker did not reach the save of step 2 within {timeout}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-
-
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_latest_and_resume_is_exact(tmp_path):
     save_dir, steps_json = tmp_path / "ckpt", tmp_path / "steps.json"
     # A fresh interpreter, not a fork: a fork of a pytest process whose torch already ran OpenMP
@@ -45,7 +35,7 @@ def test_sigkill_during_save_keeps_previous_latest_and_resume_is_exact(tmp_path)
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, str(WORKER), "kill", str(save_dir), str(steps_json)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for(tmp_path / "paused", proc, log, timeout=240)
+    wait_for_files([tmp_path / "paused"], proc, log, timeout=240, what="pausing in the save of step 2")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -75,6 +65,8 @@ def test_sigkill_during_save_keeps_previous_latest_and_resume_is_exact(tmp_path)
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.mcore
 def test_checkpoint_loads_under_another_tp_and_pp_layout(tmp_path):
     out = run_torchrun(WORKER, 2, "layouts", tmp_path / "ckpt", timeout=600)
     assert out.count("tensors equal") == 4, out[-3000:]
