@@ -2,8 +2,9 @@
 
 One CPU process (a world of one), the tiny random Qwen2.5-VL, two prompts x two responses of 16
 tokens per step, no validation: a step takes well under a second, so a run costs mostly its start-up
-(imports, model, vLLM engine). ``run_train`` waits for a run; ``start_train`` starts one with its
-output in a file, so that a test can watch it, and ``kill_run`` SIGKILLs all of its processes.
+(imports, model, vLLM engine). ``run_train`` waits for a run (``run_trains`` for several, two at a
+time); ``start_train`` starts one with its output in a file, so that a test can watch it, and
+``kill_run`` SIGKILLs all of its processes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def run_train(cmd: list[str], env: Optional[dict] = None, timeout: float = TIMEO
         output, _ = proc.communicate()
         raise AssertionError(f"the run did not finish in {timeout:g} s:\n{output[-6000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+def run_trains(runs: dict[str, tuple[list[str], dict]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
+    """``run_train`` for each ``name: (cmd, env)``, ``at_once`` runs at a time: a one-process run
+    keeps one core busy (single-threaded start-up, ``OMP_NUM_THREADS=1``), so on the 2-core machine
+    two of them take about the time of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(at_once) as pool:
+        futures = {name: pool.submit(run_train, cmd, env) for name, (cmd, env) in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def start_train(cmd: list[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:

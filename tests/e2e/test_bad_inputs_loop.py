@@ -9,7 +9,8 @@
   0, the failures are logged with their row ids and counted (``reward/error_rate``,
   ``reward/timeout_rate``), and the run finishes.
 
-``tests/data`` and ``tests/rewards`` test each check on its own; here they meet the real loop.
+``tests/data`` and ``tests/rewards`` test each check on its own; here they meet the real loop. The
+four runs are launched together by one fixture, two at a time (each is one process on one core).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from megatron_vgpo.utils.deps import has
-from tests.e2e.loop import RUN_NAME, run_train, train_command, train_env, write_module
+from tests.e2e.loop import RUN_NAME, run_trains, train_command, train_env, write_module
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not has("vllm"), reason="vLLM is not installed (CPU: pip install -e '.[cpu-rollout]')")]
@@ -56,9 +57,23 @@ def failed(proc, error: str) -> str:
     return proc.stdout
 
 
-def test_bad_rows_are_skipped_named_and_counted(tiny_model, tmp_path):
+BAD_REWARD = '''
+    """A user reward that fails on purpose, chosen by the row's ground truth."""
+    import time
+
+
+    def reward(response, ground_truth, info):
+        if ground_truth == "raise":
+            raise ValueError(f"cannot grade row {info['row_id']}")
+        if ground_truth == "hang":
+            time.sleep(3600)
+        return 1.0
+    '''
+
+
+def bad_rows_files(root: Path) -> list[Path]:
+    """mixed.parquet (2 good rows among 6 bad ones), numbers.parquet (int answers), lists.parquet."""
     from megatron_vgpo.data.synthetic import write_parquet
-    from megatron_vgpo.training.logging import read_scalars
 
     rows = synthetic_rows(12)
     png = rows[0]["images"][0]["bytes"]
@@ -72,11 +87,57 @@ def test_bad_rows_are_skipped_named_and_counted(tiny_model, tmp_path):
         dict(rows[6], answer=None),  # 6
         dict(rows[7], problem=rows[7]["problem"] + " long" * 600),  # 7: > max_prompt_length 512
     ]
-    write_parquet(mixed, tmp_path / "mixed.parquet")
-    numbers = write_table([dict(r, answer=int(r["answer"])) for r in rows[8:10]], tmp_path / "numbers.parquet")
-    lists = write_table([dict(r, answer=[r["answer"]]) for r in rows[10:12]], tmp_path / "lists.parquet")
+    write_parquet(mixed, root / "mixed.parquet")
+    numbers = write_table([dict(r, answer=int(r["answer"])) for r in rows[8:10]], root / "numbers.parquet")
+    lists = write_table([dict(r, answer=[r["answer"]]) for r in rows[10:12]], root / "lists.parquet")
+    return [root / "mixed.parquet", numbers, lists]
 
-    proc = run_train(train_command(tiny_model, [tmp_path / "mixed.parquet", numbers, lists], tmp_path, *STEPS))
+
+def all_bad_file(root: Path) -> Path:
+    from megatron_vgpo.data.synthetic import write_parquet
+
+    rows = synthetic_rows(4)
+    bad = [dict(rows[0], images=[{"bytes": b"junk", "path": None}]), dict(rows[1], answer=None),
+           dict(rows[2], problem="no placeholder"), dict(rows[3], images=[])]
+    write_parquet(bad, root / "allbad.parquet")
+    return root / "allbad.parquet"
+
+
+def bad_reward_file(root: Path) -> Path:
+    from megatron_vgpo.data.synthetic import write_parquet
+
+    rows = synthetic_rows(4)
+    write_parquet([dict(rows[0], answer="raise"), dict(rows[1], answer="hang"), rows[2], rows[3]],
+                  root / "train.parquet")
+    return root / "train.parquet"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """name -> (output directory, the finished run) for the four runs below."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dirs = {name: root / name for name in ("bad_rows", "no_answer", "all_bad", "bad_reward")}
+    for d in dirs.values():
+        d.mkdir()
+    no_answer = write_table([{k: v for k, v in r.items() if k != "answer"} for r in synthetic_rows(4)],
+                            dirs["no_answer"] / "noanswer.parquet")
+    reward_env = train_env(write_module(dirs["bad_reward"] / "pymod", "e2e_bad_reward", BAD_REWARD))
+    launches = {
+        "bad_rows": (train_command(tiny_model, bad_rows_files(dirs["bad_rows"]), dirs["bad_rows"], *STEPS), None),
+        "bad_reward": (train_command(tiny_model, [bad_reward_file(dirs["bad_reward"])], dirs["bad_reward"], *STEPS,
+                                     "reward.custom_fn=e2e_bad_reward:reward", "reward.timeout_s=1",
+                                     "reward.num_workers=2"), reward_env),
+        "no_answer": (train_command(tiny_model, [no_answer], dirs["no_answer"], *STEPS), None),
+        "all_bad": (train_command(tiny_model, [all_bad_file(dirs["all_bad"])], dirs["all_bad"], *STEPS), None),
+    }
+    done = run_trains(launches)
+    return {name: (dirs[name], proc) for name, proc in done.items()}
+
+
+def test_bad_rows_are_skipped_named_and_counted(runs):
+    from megatron_vgpo.training.logging import read_scalars
+
+    out_dir, proc = runs["bad_rows"]
     out = proc.stdout
     assert proc.returncode == 0, out[-8000:]
     skipped = {"mixed:1": "image_decode_error", "mixed:2": "image_decode_error", "mixed:3": "placeholder_mismatch",
@@ -92,63 +153,35 @@ def test_bad_rows_are_skipped_named_and_counted(tiny_model, tmp_path):
     assert "lists.parquet: skipped 2 of 2 rows {'answer_not_string': 2}; kept 0 (this file contributes nothing)" in out
     assert "numbers.parquet: skipped" not in out  # int answers are coerced, not refused
 
-    scalars = read_scalars(tmp_path / "runs" / RUN_NAME)
+    scalars = read_scalars(out_dir / "runs" / RUN_NAME)
     assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2]
     assert all(math.isfinite(v) for _, v in scalars["actor/pg_loss"])
     # Every step graded all 4 usable prompts, the coerced numeric answers among them, without an error.
     assert scalars["reward/error_rate"] == [(1, 0.0), (2, 0.0)]
 
 
-def test_missing_answer_column_stops_the_run_naming_column_and_file(tiny_model, tmp_path):
-    rows = [{k: v for k, v in r.items() if k != "answer"} for r in synthetic_rows(4)]
-    data = write_table(rows, tmp_path / "noanswer.parquet")
-    out = failed(run_train(train_command(tiny_model, [data], tmp_path, *STEPS)), "MissingColumnError")
-    assert f"{data}: missing column 'answer'" in out
+def test_missing_answer_column_stops_the_run_naming_column_and_file(runs):
+    out_dir, proc = runs["no_answer"]
+    out = failed(proc, "MissingColumnError")
+    assert f"{out_dir / 'noanswer.parquet'}: missing column 'answer'" in out
 
 
-def test_no_usable_row_stops_the_run_naming_the_file(tiny_model, tmp_path):
-    from megatron_vgpo.data.synthetic import write_parquet
-
-    rows = synthetic_rows(4)
-    bad = [dict(rows[0], images=[{"bytes": b"junk", "path": None}]), dict(rows[1], answer=None),
-           dict(rows[2], problem="no placeholder"), dict(rows[3], images=[])]
-    write_parquet(bad, tmp_path / "allbad.parquet")
-    out = failed(run_train(train_command(tiny_model, [tmp_path / "allbad.parquet"], tmp_path, *STEPS)),
-                 "NoUsableExamplesError")
-    assert re.search(rf"no usable rows in {re.escape(str(tmp_path / 'allbad.parquet'))}: 4 skipped", out), out[-6000:]
+def test_no_usable_row_stops_the_run_naming_the_file(runs):
+    out_dir, proc = runs["all_bad"]
+    out = failed(proc, "NoUsableExamplesError")
+    assert re.search(rf"no usable rows in {re.escape(str(out_dir / 'allbad.parquet'))}: 4 skipped", out), out[-6000:]
 
 
-BAD_REWARD = '''
-    """A user reward that fails on purpose, chosen by the row's ground truth."""
-    import time
-
-
-    def reward(response, ground_truth, info):
-        if ground_truth == "raise":
-            raise ValueError(f"cannot grade row {info['row_id']}")
-        if ground_truth == "hang":
-            time.sleep(3600)
-        return 1.0
-    '''
-
-
-def test_reward_function_that_raises_or_hangs_scores_zero_and_the_run_goes_on(tiny_model, tmp_path):
-    from megatron_vgpo.data.synthetic import write_parquet
+def test_reward_function_that_raises_or_hangs_scores_zero_and_the_run_goes_on(runs):
     from megatron_vgpo.training.logging import read_scalars
 
-    rows = synthetic_rows(4)
-    write_parquet([dict(rows[0], answer="raise"), dict(rows[1], answer="hang"), rows[2], rows[3]],
-                  tmp_path / "train.parquet")
-    env = train_env(write_module(tmp_path / "pymod", "e2e_bad_reward", BAD_REWARD))
-    cmd = train_command(tiny_model, [tmp_path / "train.parquet"], tmp_path, *STEPS,
-                        "reward.custom_fn=e2e_bad_reward:reward", "reward.timeout_s=1", "reward.num_workers=2")
-    proc = run_train(cmd, env)
+    out_dir, proc = runs["bad_reward"]
     out = proc.stdout
     assert proc.returncode == 0, out[-8000:]
     assert "reward: row train:0 scored 0 (error): ValueError: cannot grade row train:0" in out
     assert "reward: row train:1 scored 0 (timeout): timed out after 1 s (worker killed)" in out
 
-    scalars = read_scalars(tmp_path / "runs" / RUN_NAME)
+    scalars = read_scalars(out_dir / "runs" / RUN_NAME)
     assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2]
     # Per step 8 responses (4 prompts x 2): the 2 that raised and the 2 that hung score 0, the rest 1.
     assert scalars["reward/accuracy"] == [(1, 0.5), (2, 0.5)]

@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from megatron_vgpo.utils.deps import has
-from tests.e2e.loop import (RUN_NAME, kill_run, latest, logged_step, run_train, start_train, tail, train_command,
-                            train_env, wait_for, write_module)
+from tests.e2e.loop import (RUN_NAME, TIMEOUT_S, kill_run, latest, logged_step, run_train, start_train, tail,
+                            train_command, train_env, wait_for, write_module)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not has("vllm"), reason="vLLM is not installed (CPU: pip install -e '.[cpu-rollout]')")]
@@ -72,25 +73,47 @@ def setup(tmp_path_factory, tiny_model):
     return root, command, env
 
 
+class Uninterrupted:
+    """The run that nobody kills, started in the background (one core) while the first test's run uses
+    the other; ``scalars()`` waits for it."""
+
+    def __init__(self, root: Path, command, env):
+        self.log = root / "a.log"
+        self.out = root / "a"
+        self.proc = start_train(command(self.out, f"checkpoint.save_interval={SAVE_INTERVAL}"), self.log, env)
+        self._scalars = None
+
+    def scalars(self) -> dict:
+        from megatron_vgpo.training.logging import read_scalars
+
+        if self._scalars is None:
+            try:
+                code = self.proc.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                kill_run(self.proc)
+                raise AssertionError(f"the uninterrupted run did not finish in {TIMEOUT_S} s:\n{tail(self.log)}")
+            assert code == 0, tail(self.log)
+            scalars = read_scalars(self.out / "runs" / RUN_NAME)
+            assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, TOTAL + 1))
+            # Otherwise the comparison below would hold for a resume that restores nothing.
+            assert all(v > 0 for _, v in scalars["actor/grad_norm"]), scalars["actor/grad_norm"]
+            self._scalars = scalars
+        return self._scalars
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(setup) -> dict:
-    """The scalars of the run that nobody kills."""
+def uninterrupted(setup):
+    run = Uninterrupted(*setup)
+    yield run
+    if run.proc.poll() is None:
+        kill_run(run.proc)
+
+
+def assert_same_run(logdir: Path, uninterrupted: Uninterrupted) -> None:
+    """Every reproducible scalar of ``logdir`` equals the uninterrupted run's, once per step."""
     from megatron_vgpo.training.logging import read_scalars
 
-    root, command, env = setup
-    proc = run_train(command(root / "a", f"checkpoint.save_interval={SAVE_INTERVAL}"), env)
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    scalars = read_scalars(root / "a" / "runs" / RUN_NAME)
-    assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, TOTAL + 1))
-    # Otherwise the comparison below would hold for a resume that restores nothing.
-    assert all(v > 0 for _, v in scalars["actor/grad_norm"]), scalars["actor/grad_norm"]
-    return scalars
-
-
-def assert_same_run(logdir: Path, expected: dict) -> None:
-    """Every reproducible scalar of ``logdir`` equals ``expected``'s, once per step."""
-    from megatron_vgpo.training.logging import read_scalars
-
+    expected = uninterrupted.scalars()
     scalars = read_scalars(logdir)
     assert sorted(scalars) == sorted(expected)
     for tag, series in sorted(expected.items()):
@@ -164,6 +187,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(setup, uninter
     a failing disk), then the same training command again."""
     root, command, env = setup
     out = root / "d"
+    uninterrupted.scalars()  # it has finished
     shutil.copytree(root / "a", out)  # the uninterrupted run: checkpoints of steps 4 and 8, its logs
     ckpt = out / "ckpt"
     assert latest(ckpt) == step_name(TOTAL)

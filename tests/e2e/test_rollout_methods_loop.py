@@ -10,7 +10,7 @@ import math
 import pytest
 
 from megatron_vgpo.utils.deps import has
-from tests.e2e.loop import RUN_NAME, run_train, train_command, train_env, write_module
+from tests.e2e.loop import RUN_NAME, run_trains, train_command, train_env, write_module
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not has("vllm"), reason="vLLM is not installed (CPU: pip install -e '.[cpu-rollout]')")]
@@ -26,34 +26,40 @@ HASH_REWARD = '''
     '''
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def claims_dataset(directory):
+    """8 counting rows with 4 claim columns each (VAPO's probes)."""
     from megatron_vgpo.data.synthetic import SyntheticOptions, write_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("rollout_methods")
-    paths = write_synthetic_dataset(root / "data", train=8, val=4, seed=0, opts=SyntheticOptions(claims=4))
-    return root, paths["train"], train_env(write_module(root / "pymod", "e2e_vapo_reward", HASH_REWARD))
+    return write_synthetic_dataset(directory, train=8, val=4, seed=0, opts=SyntheticOptions(claims=4))["train"]
 
 
-def _run(tiny_model, data, name, *overrides):
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """name -> the TensorBoard scalars of its 2-step run."""
+    from megatron_vgpo.methods import PRESETS
     from megatron_vgpo.training.logging import read_scalars
 
-    root, train, env = data
-    out = root / name
-    proc = run_train(train_command(tiny_model, [train], out, "trainer.total_steps=2",
-                                   "reward.custom_fn=e2e_vapo_reward:reward", *overrides), env)
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    scalars = read_scalars(out / "runs" / RUN_NAME)
-    assert [step for step, _ in scalars["actor/pg_loss"]] == [1, 2]
-    assert all(math.isfinite(v) for _, v in scalars["actor/pg_loss"] + scalars["actor/grad_norm"])
+    root = tmp_path_factory.mktemp("rollout_methods")
+    train = claims_dataset(root / "data")
+    env = train_env(write_module(root / "pymod", "e2e_vapo_reward", HASH_REWARD))
+    overrides = {
+        "vapo": (*PRESETS["vapo"], "algorithm.vapo.num_anchors=2", "algorithm.dynamic_sampling.max_batches=2"),
+        "noisy": (*PRESETS["noisy_rollout"], "algorithm.shapers=[vgpo]", "algorithm.noisy_rollout.s_mid=1"),
+    }
+    done = run_trains({name: (train_command(tiny_model, [train], root / name, "trainer.total_steps=2",
+                                            "reward.custom_fn=e2e_vapo_reward:reward", *extra), env)
+                       for name, extra in overrides.items()})
+    scalars = {}
+    for name, proc in done.items():
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-8000:]}"
+        scalars[name] = read_scalars(root / name / "runs" / RUN_NAME)
+        assert [step for step, _ in scalars[name]["actor/pg_loss"]] == [1, 2]
+        assert all(math.isfinite(v) for _, v in scalars[name]["actor/pg_loss"] + scalars[name]["actor/grad_norm"])
     return scalars
 
 
-def test_vapo_probes_with_the_engine_and_logs_the_perception_reward(tiny_model, data):
-    from megatron_vgpo.methods import PRESETS
-
-    scalars = _run(tiny_model, data, "vapo", *PRESETS["vapo"], "algorithm.vapo.num_anchors=2",
-                   "algorithm.dynamic_sampling.max_batches=2")
+def test_vapo_probes_with_the_engine_and_logs_the_perception_reward(runs):
+    scalars = runs["vapo"]
     for tag in ("vapo/perception", "vapo/reward_term", "vapo/probes", "vapo/probe_accuracy",
                 "vapo/probe_invalid_rate", "vapo/rows_without_claims", "timing_s/probes"):
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
@@ -65,11 +71,8 @@ def test_vapo_probes_with_the_engine_and_logs_the_perception_reward(tiny_model, 
     assert all(-0.1 - 1e-6 <= v <= 0.0 for _, v in scalars["vapo/reward_term"])  # l_p acc (P - 1), l_p = 0.1
 
 
-def test_noisy_rollout_with_vgpo(tiny_model, data):
-    from megatron_vgpo.methods import PRESETS
-
-    scalars = _run(tiny_model, data, "noisy", *PRESETS["noisy_rollout"], "algorithm.shapers=[vgpo]",
-                   "algorithm.noisy_rollout.s_mid=1")
+def test_noisy_rollout_with_vgpo(runs):
+    scalars = runs["noisy"]
     # t(s) = floor(500 (1 - sigmoid(30 (s - 1) / 2))): s=0 -> 499, s=1 -> 250
     assert scalars["noisy_rollout/noise_step"] == [(1, 499.0), (2, 250.0)]
     assert "vgpo/rho_mean" in scalars

@@ -1,7 +1,7 @@
 """torchrun worker of ``test_seam_parity.py``: VGPO through the plug-in seam against the pre-seam path,
 TP2 x PP2 on 4 CPU ranks (gloo), the same weights, batch and seeds.
 
-    torchrun --nproc-per-node 4 tests/training/seam_parity_worker.py MODEL_DIR DATA.parquet OUT_DIR VARIANT
+    torchrun --nproc-per-node 4 tests/training/seam_parity_worker.py MODEL_DIR DATA.parquet OUT_DIR paper,official
 
 Seam: the trainer's own ``compute_logprobs_and_statistics`` / ``compute_advantages`` / ``update`` with
 ``algorithm.shapers=[vgpo]``. Reference, written as the trainer did it before the seam: a pi_old pass
@@ -9,7 +9,8 @@ whose loss function calls ``visual_focus_scores`` on each micro-batch's hidden s
 advantages over the WHOLE batch indexed by this rank's rows, ``trajectory_weights`` ->
 ``inter_trajectory_factor`` -> ``combine_advantages``, and the update with the plain DAPO loss. Two
 actors from the same weights take one path each. The last stage's ranks write the old log-probs,
-focus scores, advantages, the loss metrics and the updated weights to ``OUT_DIR/rank{r}.pt``.
+focus scores, advantages, the loss metrics and the updated weights of each variant to
+``OUT_DIR/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -128,24 +129,33 @@ def seam(actor: Actor, cfg, step: RolloutStep, processor, groups) -> dict:
     return out
 
 
-def main(model_dir: str, data_file: str, out_dir: str, variant: str) -> None:
-    torch.set_num_threads(1)
-    cfg = load_config(REPO / "examples" / "configs" / "cpu_tiny.yaml", [
+def load(variant: str):
+    return load_config(REPO / "examples" / "configs" / "cpu_tiny.yaml", [
         "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2", "rollout.n=4",
         "trainer.global_batch_size=3", "data.rollout_batch_size=6", "trainer.micro_batch_size=5",
         f"algorithm.vgpo.variant={variant}", "algorithm.shapers=[vgpo]"])
-    groups = init_parallel(cfg.parallel, cfg.trainer.seed)
+
+
+def main(model_dir: str, data_file: str, out_dir: str, variants: str) -> None:
+    """``variants``: comma-separated VGPO variants, each compared in this one launch."""
+    torch.set_num_threads(1)
+    names = variants.split(",")
+    first = load(names[0])
+    groups = init_parallel(first.parallel, first.trainer.seed)
     processor = load_processor(model_dir)
-    dataset = PromptDataset([data_file], cfg.data, processor, cfg.rollout.max_prompt_length)
     hf_config = AutoConfig.from_pretrained(model_dir)
     results = {}
-    for name, path in (("seam", seam), ("reference", reference)):
-        chunks = build_policy(hf_config, cfg.model, groups)
-        load_hf_weights(chunks, model_dir)
-        actor = Actor(chunks, groups, cfg.optimizer, cfg.trainer.micro_batch_size, total_steps=1,
-                      steps_per_rl_step=2, device=groups.device)
-        results[name] = path(actor, cfg, rollout_step(dataset), processor, groups)
-        results[name]["weights"] = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    for variant in names:
+        cfg = load(variant)
+        dataset = PromptDataset([data_file], cfg.data, processor, cfg.rollout.max_prompt_length)
+        results[variant] = {}
+        for name, path in (("seam", seam), ("reference", reference)):
+            chunks = build_policy(hf_config, cfg.model, groups)
+            load_hf_weights(chunks, model_dir)
+            actor = Actor(chunks, groups, cfg.optimizer, cfg.trainer.micro_batch_size, total_steps=1,
+                          steps_per_rl_step=2, device=groups.device)
+            results[variant][name] = path(actor, cfg, rollout_step(dataset), processor, groups)
+            results[variant][name]["weights"] = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
     if groups.is_last_stage and groups.tp_rank == 0:
         torch.save(results, Path(out_dir) / f"rank{groups.rank}.pt")
     destroy_parallel()
