@@ -24,14 +24,13 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from megatron_vgpo.utils.deps import has
-from tests.e2e.loop import (RUN_NAME, TIMEOUT_S, kill_run, latest, logged_step, run_train, start_train, tail,
-                            train_command, train_env, wait_for, write_module)
+from tests.e2e.loop import (RUN_NAME, kill_run, latest, logged_step, run_train, start_train, tail, train_command,
+                            train_env, wait_for, write_module)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not has("vllm"), reason="vLLM is not installed (CPU: pip install -e '.[cpu-rollout]')")]
@@ -87,12 +86,8 @@ class Uninterrupted:
         from megatron_vgpo.training.logging import read_scalars
 
         if self._scalars is None:
-            try:
-                code = self.proc.wait(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                kill_run(self.proc)
-                raise AssertionError(f"the uninterrupted run did not finish in {TIMEOUT_S} s:\n{tail(self.log)}")
-            assert code == 0, tail(self.log)
+            wait_for(self.proc, lambda: self.proc.poll() is not None, "finishing", self.log, poll_s=0.5)
+            assert self.proc.returncode == 0, tail(self.log)
             scalars = read_scalars(self.out / "runs" / RUN_NAME)
             assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, TOTAL + 1))
             # Otherwise the comparison below would hold for a resume that restores nothing.

@@ -143,11 +143,11 @@ def main(model_dir: str, data_file: str, out_dir: str, variants: str) -> None:
     first = load(names[0])
     groups = init_parallel(first.parallel, first.trainer.seed)
     processor = load_processor(model_dir)
+    dataset = PromptDataset([data_file], first.data, processor, first.rollout.max_prompt_length)
     hf_config = AutoConfig.from_pretrained(model_dir)
     results = {}
     for variant in names:
         cfg = load(variant)
-        dataset = PromptDataset([data_file], cfg.data, processor, cfg.rollout.max_prompt_length)
         results[variant] = {}
         for name, path in (("seam", seam), ("reference", reference)):
             chunks = build_policy(hf_config, cfg.model, groups)
