@@ -2,7 +2,9 @@
 
 Float32 on CPU/gloo; every launch checks both tiny checkpoints (untied and tied embeddings) on the
 fixed mixed batch (two image sizes, two images in one sample, a text-only row, right padding, two
-micro-batches of different lengths) and the tool exits non-zero above 1e-5.
+micro-batches of different lengths) and the tool exits non-zero above 1e-5. The TP2 x PP2 launch also
+checks the project's own tiny checkpoint (``tools/make_tiny_qwen25vl.py``): sharded safetensors with an
+index, an odd vocabulary (1025, padded for TP=2), each stage reading its share.
 """
 
 from __future__ import annotations
@@ -26,22 +28,35 @@ MCORE_LAYOUTS = ("tp2xpp2", "pp2xvpp2")
 RESULT = re.compile(r"max\|dlogprob\|=(\S+) max\|dhidden\|=(\S+) .* (PASS|FAIL)")
 
 
-def check_results(output: str) -> None:
+def check_results(output: str, expected: int = 2) -> None:
     results = RESULT.findall(output)
     print("\n".join(line for line in output.splitlines() if line.startswith("[verify_parity]")))
-    assert len(results) == 2, output[-3000:]
+    assert len(results) == expected, output[-3000:]
     for dlogprob, dhidden, verdict in results:
         assert verdict == "PASS" and float(dlogprob) <= 1e-5 and float(dhidden) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def make_tiny_dir(tmp_path_factory):
+    """The project's tiny checkpoint, sharded (200 KB shards), with its odd vocabulary."""
+    from megatron_vgpo.models.qwen2_5_vl.tiny import TinyOptions, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("make_tiny") / "tiny",
+                                 TinyOptions(max_shard_size="200KB", init_std=0.1))
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.mcore) if name in MCORE_LAYOUTS else name
                                     for name in LAYOUTS])
-def test_verify_parity(layout, tiny_hf_dirs):
+def test_verify_parity(layout, tiny_hf_dirs, request):
     nproc, args = LAYOUTS[layout]
-    check_results(run_torchrun(TOOL, nproc, *args, "--tol", "1e-5",
-                               "--hf-dir", tiny_hf_dirs["untied"], tiny_hf_dirs["tied"]))
+    dirs = [tiny_hf_dirs["untied"], tiny_hf_dirs["tied"]]
+    if layout == "tp2xpp2":  # the make-tiny checkpoint in the same 4-process launch (start-up is most of it)
+        dirs.append(request.getfixturevalue("make_tiny_dir"))
+    output = run_torchrun(TOOL, nproc, *args, "--tol", "1e-5", "--hf-dir", *dirs)
+    check_results(output, expected=len(dirs))
+    assert all(f"[verify_parity] {d} |" in output for d in dirs), output[-3000:]
 
 
 def test_verify_parity_world_of_one(tiny_hf_dirs, capsys):
@@ -51,16 +66,3 @@ def test_verify_parity_world_of_one(tiny_hf_dirs, capsys):
     spec.loader.exec_module(tool)
     assert tool.main(["--hf-dir", str(tiny_hf_dirs["untied"]), str(tiny_hf_dirs["tied"])]) == 0
     check_results(capsys.readouterr().out)
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_verify_parity_on_a_make_tiny_checkpoint(tmp_path):
-    """The tool on the project's tiny checkpoint (``tools/make_tiny_qwen25vl.py``): sharded safetensors
-    with an index, an odd vocabulary (1025, padded for TP=2), TP2 x PP2 (each stage reads its share)."""
-    tiny = pytest.importorskip("megatron_vgpo.models.qwen2_5_vl.tiny", reason="the tiny-checkpoint maker is missing")
-    hf_dir = tiny.write_tiny_checkpoint(tmp_path / "tiny", tiny.TinyOptions(max_shard_size="200KB", init_std=0.1))
-    output = run_torchrun(TOOL, 4, "--tp", 2, "--pp", 2, "--hf-dir", hf_dir)
-    results = RESULT.findall(output)
-    print("\n".join(line for line in output.splitlines() if line.startswith("[verify_parity]")))
-    assert len(results) == 1 and results[0][2] == "PASS", output[-3000:]

@@ -111,3 +111,19 @@ def load_hf_model(path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tp2_pp2_results(tiny_vl_dir, tmp_path_factory) -> list[dict]:
+    """Each rank's results of one 4-rank Megatron TP2 x PP2 launch (``shard_sync_worker.py``) for the
+    tests of ``test_weight_sync_shards.py`` and ``test_weight_sync_distributed.py``: the shard-stream
+    checks, and where vLLM is installed the engine checks and the weight-sync checks too (a 4-rank
+    launch costs more than any of them)."""
+    import json
+
+    from tests.conftest import run_torchrun
+
+    out = tmp_path_factory.mktemp("tp2_pp2_sync")
+    modes = "stream,engine,sync" if has("vllm") else "stream"
+    run_torchrun(Path(__file__).with_name("shard_sync_worker.py"), 4, tiny_vl_dir, out, modes, timeout=900)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]

@@ -1,6 +1,6 @@
 """torchrun worker of ``test_weight_sync_shards.py``: Megatron TP2 x PP2 -> engine TP2 shard to shard, 4 ranks, gloo.
 
-    torchrun --nproc-per-node 4 shard_sync_worker.py MODEL_DIR OUT_DIR stream[,engine]
+    torchrun --nproc-per-node 4 shard_sync_worker.py MODEL_DIR OUT_DIR stream[,engine[,sync]]
 
 ``stream``: the path each rollout TP gets (TP2: shard to shard, TP1: full tensors); the shard stream
 against the checkpoint, region by region (``vllm_region``), on every rank; the bytes each rank sent
@@ -11,7 +11,12 @@ checkpoint's full tensors.
 copied and greedy rollouts taken, then it is refilled with full tensors (the golden path) and the
 same again: the two copies must be identical tensor by tensor, on every rank.
 
-Every rank writes ``OUT_DIR/rank{r}.json``: mode -> its results (one launch runs both).
+``sync``: ``weight_sync_worker.sync_checks`` (``test_weight_sync_distributed.py``: the resharded
+stream on both transports, vLLM TP1 and TP2 engines filled and following a training-like update);
+last, since it changes the weights.
+
+Every rank writes ``OUT_DIR/rank{r}.json``: mode -> its results (one launch runs them all: a 4-rank
+launch costs more than any of them).
 """
 
 from __future__ import annotations
@@ -129,7 +134,10 @@ def engine_checks(chunks, groups, model_dir: str) -> dict:
 
 def main(model_dir: str, out_dir: str, modes: str) -> None:
     chunks, groups = tp2_pp2_policy(model_dir)
-    checks = {"stream": stream_checks, "engine": engine_checks}
+    from tests.rollout.weight_sync_worker import sync_checks
+
+    checks = {"stream": stream_checks, "engine": engine_checks, "sync": sync_checks}
+    assert "sync" not in modes.split(",")[:-1], "sync changes the weights: it runs last"
     results = {mode: checks[mode](chunks, groups, model_dir) for mode in modes.split(",")}
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     destroy_parallel()

@@ -1,29 +1,24 @@
 """Megatron TP2 x PP2 -> vLLM rollout TP1 and TP2 under torchrun (4 ranks, gloo, CPU): exact weights,
-greedy parity with HF, and the engine following a training-like update (``weight_sync_worker.py``)."""
+greedy parity with HF, and the engine following a training-like update (``weight_sync_worker.py``'s
+checks, run in the shared TP2 x PP2 launch of ``conftest.tp2_pp2_results``)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
 from tests.rollout.conftest import load_hf_model, requires_vllm
 from tests.rollout.test_transport import assert_streams_correct
 from tests.rollout.test_vllm_distributed import hf_references, max_gap
 from tests.rollout.weight_sync_worker import training_like_update
 
-WORKER = Path(__file__).with_name("weight_sync_worker.py")
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow, requires_vllm]
 
 
-def test_megatron_tp2_pp2_to_vllm_tp1_and_tp2(tiny_vl_dir, processor, tmp_path):
+def test_megatron_tp2_pp2_to_vllm_tp1_and_tp2(tp2_pp2_results, tiny_vl_dir, processor):
     from megatron_vgpo.rollout.vllm_engine import VISION_SPECIAL_TOKENS
 
-    run_torchrun(WORKER, 4, tiny_vl_dir, tmp_path, timeout=900)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    ranks = [r["sync"] for r in tp2_pp2_results]
     banned = processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
     model = load_hf_model(tiny_vl_dir)
     tokens, logprobs, _ = hf_references(model, processor, banned)

@@ -11,8 +11,6 @@ weights to one filled with full tensors, and generates the same.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +21,7 @@ from megatron_vgpo.models.qwen2_5_vl.config import arch_from_hf, padded_vocab_si
 from megatron_vgpo.models.qwen2_5_vl.loading import iter_safetensors
 from megatron_vgpo.rollout.shard_sync import VLLM_VOCAB_PADDING, engine_pieces, vllm_region, vocab_aligned
 from megatron_vgpo.rollout.weight_sync import WeightResharder
-from megatron_vgpo.utils.deps import has
-from tests.conftest import run_torchrun
 from tests.rollout.conftest import requires_vllm
-
-WORKER = Path(__file__).with_name("shard_sync_worker.py")
 
 
 def golden_and_pieces(arch, name: str, full: torch.Tensor, rank: int):
@@ -115,15 +109,6 @@ def test_path_choice_in_a_world_of_one(tiny_vl_dir, world_of_one, caplog):
     got = {n: t.clone() for n, t in shard.engine_weights()}
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     assert (shard.traffic.sent, shard.traffic.received) == (0, 0)
-
-
-@pytest.fixture(scope="module")
-def tp2_pp2_results(tiny_vl_dir, tmp_path_factory) -> list[dict]:
-    """Each rank's results of one 4-rank launch for both tests below: the stream checks, and the
-    engine checks too where vLLM is installed (a launch costs more than either check)."""
-    out = tmp_path_factory.mktemp("shard_sync")
-    run_torchrun(WORKER, 4, tiny_vl_dir, out, "stream,engine" if has("vllm") else "stream", timeout=900)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
 
 
 @pytest.mark.distributed

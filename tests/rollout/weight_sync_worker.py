@@ -1,6 +1,6 @@
-"""torchrun worker of ``test_weight_sync_distributed.py``: Megatron TP2 x PP2 -> vLLM, 4 ranks, gloo.
-
-    torchrun --nproc-per-node 4 weight_sync_worker.py MODEL_DIR OUT_DIR
+"""The checks of ``test_weight_sync_distributed.py``: Megatron TP2 x PP2 -> vLLM, 4 ranks, gloo. They run
+in ``shard_sync_worker.py``'s launch (mode ``sync``, last: it changes the weights), which builds the
+same TP2 x PP2 policy; a 4-rank launch costs more than these checks.
 
 1. ``transport_worker.check_stream``: the resharded stream equals the checkpoint's tensors exactly on
    every rank; one transport allocation (here shared memory: one host, gloo) per sync, reused by
@@ -12,27 +12,21 @@
 3. Rollout TP2 only: a training-like elementwise update of the Megatron weights, a resync, greedy
    generation again, and the trainer's log-probs of those rollouts from the Megatron pipeline
    (forward only); the mismatch metric is taken on the last stage.
-Every rank writes ``OUT_DIR/rank{r}.json``; the test compares with Hugging Face.
+``sync_checks`` returns each rank's results; the test compares them with Hugging Face.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
 from megatron_vgpo.config.schema import RolloutConfig
-from megatron_vgpo.distributed import destroy_parallel
 from megatron_vgpo.models.qwen2_5_vl.pipeline import PolicyBatch, run_pipeline
 from megatron_vgpo.models.qwen2_5_vl.tiny import load_processor
 from megatron_vgpo.rollout import RolloutGroups, SamplingParams, generate_data_parallel, logprob_mismatch
 from megatron_vgpo.rollout.vllm_engine import VLLMRolloutEngine
 from megatron_vgpo.rollout.transport import CollectiveTransport
 from megatron_vgpo.rollout.weight_sync import WeightResharder
-from tests.rollout.transport_worker import BUCKET_BYTES, check_stream, tp2_pp2_policy
+from tests.rollout.transport_worker import BUCKET_BYTES, check_stream
 from tests.rollout.vllm_tp_worker import requests
 
 GREEDY = SamplingParams(n=1, max_tokens=24, temperature=0.0)
@@ -63,8 +57,7 @@ def trainer_logprobs(chunks, groups, processor, reqs, batch) -> list:
     return result
 
 
-def main(model_dir: str, out_dir: str) -> None:
-    chunks, groups = tp2_pp2_policy(model_dir)
+def sync_checks(chunks, groups, model_dir: str) -> dict:
     for chunk in chunks:
         chunk.eval()
     sync = WeightResharder(chunks, groups, bucket_bytes=BUCKET_BYTES)
@@ -101,10 +94,4 @@ def main(model_dir: str, out_dir: str) -> None:
                 m = logprob_mismatch(rollout, padded, mask)
                 results["mismatch"] = {"mean": m.mean, "max": float(m.abs_diff_max), "tokens": float(m.num_tokens)}
         engine.shutdown()
-
-    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    destroy_parallel()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    return results

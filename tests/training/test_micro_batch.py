@@ -122,5 +122,7 @@ def test_one_encoding_per_distinct_image_gives_the_per_row_outputs_and_gradients
         results.append((out.logprobs.detach(), {n: p.grad for n, p in chunk.named_parameters()}))
     (lp_a, grads_a), (lp_b, grads_b) = results
     assert (lp_a - lp_b).abs().max() < 1e-6
-    assert max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a) < 1e-6
+    for name, grad in grads_a.items():  # float32 sums in another order: 1e-6 of each tensor's scale
+        scale = max(1.0, grad.abs().max().item())
+        assert (grad - grads_b[name]).abs().max().item() <= 1e-6 * scale, name
     assert grads_a["vision.patch_embed.proj.weight"].abs().max() > 0
