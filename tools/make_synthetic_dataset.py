@@ -1,7 +1,8 @@
 """Write a synthetic task (train / val / blank-image val) as parquet in the EasyR1 schema.
 
     python tools/make_synthetic_dataset.py --output data/synthetic [--train 1024 --val 128 --seed 0 --size 56]
-    python tools/make_synthetic_dataset.py --output data/multicount --task multicount [--parts 3 --max-count 2]
+    python tools/make_synthetic_dataset.py --output data/multicount --task multicount [--parts 3 --max-count 1]
+    ... --task multicount --max-count 2 --random-order --size 84   (harder: not learned in 200 CPU steps)
     ... --claims 20     (C claims about each image with CORRECT/WRONG labels, for VAPO)
 
 ``--task count`` (default): "How many red circles are in the image?" among blue circles and red
@@ -32,16 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=128, help="validation rows (also the blank-image control)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
     # None = the task's default (its options dataclass holds them).
-    p.add_argument("--size", type=int, help="image side in pixels (multiple of 28); count 56, multicount 84")
+    p.add_argument("--size", type=int, help="image side in pixels (multiple of 28); 56")
     p.add_argument("--cell", type=int, help="grid cell side in pixels, one object per cell; count 14, multicount 28")
     p.add_argument("--min-count", type=int, help="smallest answer (count) or part count (multicount); 0")
-    p.add_argument("--max-count", type=int, help="largest answer (count: 3) or part count (multicount: 2)")
+    p.add_argument("--max-count", type=int, help="largest answer (count: 3) or part count (multicount: 1)")
     p.add_argument("--max-distractors", type=int, help="distractors per image at most; count 4, multicount 0")
     p.add_argument("--all-targets", action="store_true", default=None,
                    help="count: ask about any colour x shape, not only red circles")
     p.add_argument("--parts", type=int, help="multicount: kinds counted per row (default 3)")
-    p.add_argument("--fixed-order", dest="shuffle_parts", action="store_false", default=None,
-                   help="multicount: name the parts in the same order in every row")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--random-order", dest="shuffle_parts", action="store_true", default=None,
+                       help="multicount: name the parts in an order drawn per row")
+    order.add_argument("--fixed-order", dest="shuffle_parts", action="store_false", default=None,
+                       help="multicount: name the parts in the same order in every row (the default)")
     p.add_argument("--claims", type=int, help="claims about each image per row (claim_i/label_i), 0 = none")
     return p.parse_args(argv)
 

@@ -191,6 +191,9 @@ class RewardConfig:
     grader: Literal["mathruler", "math_verify", "lookback"] = doc(
         "mathruler", "Grader of the last \\boxed{} answer (lookback: the VGPO paper's evaluation grader).")
     format_weight: float = doc(0.0, "Weight of the format reward (<think>...</think> then \\boxed{}); 0 disables it.")
+    parts_must_sum: bool = doc(
+        False, "Multi-part rows (data.parts_key): the accuracy reward also needs the boxed total to be the sum of the "
+        "counts the response reads, so the reads carry the answer (rewards/parts.py sums_its_parts).")
     timeout_s: float = doc(5.0, "Wall-clock limit per grading call; a timeout scores 0.")
     num_workers: int = doc(2, "Grading worker processes per rank when auto_workers is false (every rank grades a share of each batch).")
     auto_workers: bool = doc(True, "Size each rank's grading pool to its node: max(1, CPUs // ranks on the node // 2) workers.")

@@ -14,14 +14,18 @@ The question names the target; the answer is its count.
   things, or all circles, does not solve the task; only the conjunction does.
 
 The multi-part counting task (``MulticountOptions``): the image holds several kinds of objects (red
-circles, blue squares, green triangles, ...); the question names ``parts`` kinds, in an order drawn
-per row, and asks for their total. The answer needs one read of the image per part, written one after
-the other (``<think> red circles 2. blue squares 1. green triangles 3. </think> \\boxed{6}``,
-``rewards/parts.py``), so a policy that stops looking at the image late in its response gets the late
-parts wrong: the task where visual forgetting can happen. Each part position's count is exactly
-uniform over ``min_count..max_count`` when K divides the split size; the per-part counts are stored
-in the row (``parts``: JSON ``[{"name": "red circles", "count": 2}, ...]``, in the problem's order).
-Optional distractors are kinds the question does not name.
+circles, blue squares, green triangles, ...); the question names ``parts`` kinds, in a fixed order (or
+one drawn per row: ``shuffle_parts``), and asks for their total. The answer needs one read of the image
+per part, written one after the other (``<think> red circles 2. blue squares 1. green triangles 3.
+</think> \\boxed{6}``, ``rewards/parts.py``), so a policy that stops looking at the image late in its
+response gets the late parts wrong: the task where visual forgetting can happen. Each part position's
+count is exactly uniform over ``min_count..max_count`` when K divides the split size; the per-part
+counts are stored in the row (``parts``: JSON ``[{"name": "red circles", "count": 2}, ...]``, in the
+problem's order). Optional distractors are kinds the question does not name. The defaults (3 parts, each
+0 or 1, a 56-pixel image of 2 x 2 cells, fixed order) are the setting the tiny CPU policy learns within
+200 RL steps with ``reward.parts_must_sum`` (README, "Multi-part counting"); counts up to 2, random
+order or a 84-pixel image did not leave chance in 200 steps, and more parts or distractors are harder
+still.
 
 Both tasks:
 - ``val_blank``: the val rows (same questions and answers) with blank images.
@@ -110,7 +114,7 @@ class SyntheticOptions:
 class MulticountOptions:
     """The multi-part counting task: count several kinds in turn, answer the total."""
 
-    size: int = 84
+    size: int = 56
     """Image side in pixels; a multiple of 28."""
     cell: int = 28
     """Grid cell side in pixels; one object per cell (28: one object per merged image token)."""
@@ -118,11 +122,11 @@ class MulticountOptions:
     """Kinds counted per row, the first ``parts`` of ``PART_KINDS`` (1..9)."""
     min_count: int = 0
     """Smallest count of a part."""
-    max_count: int = 2
+    max_count: int = 1
     """Largest count of a part; the total is in parts * min_count .. parts * max_count."""
     max_distractors: int = 0
     """Objects of kinds not asked about, drawn uniformly from 0..max_distractors per image."""
-    shuffle_parts: bool = True
+    shuffle_parts: bool = False
     """Name the parts in an order drawn per row (else always in ``PART_KINDS`` order)."""
     claims: int = 0
     """Claims about each image per row (``claim_i``/``label_i`` columns, for VAPO); 0: none."""

@@ -6,7 +6,8 @@ The function replaces the accuracy grader and is called, in a grading worker, as
 
 - ``response``: the decoded response text (special tokens removed);
 - ``ground_truth``: the example's answer string, as in the data file;
-- ``info``: ``{"row_id", "source", "problem"}`` of the prompt (what the trainer passes; may be empty).
+- ``info``: ``{"row_id", "source", "problem", "parts"}`` of the prompt (what the trainer passes; may be
+  empty); ``parts``: a multi-part row's ``rewards.parts.Part``s, else None.
 
 It returns either a number (the accuracy reward, e.g. 0.0 or 1.0) or a dict with a number under
 ``"accuracy"``, optionally ``"format"`` (replaces the built-in format reward) and any other numeric

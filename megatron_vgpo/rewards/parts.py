@@ -5,7 +5,10 @@ A multi-part row names its parts in order and stores their counts (``parts``: JS
 
     <think> red circles 2. blue squares 1. green triangles 3. </think> \boxed{6}
 
-The reward grades only the total (the last ``\boxed{}``). This module grades each part, so validation
+The reward grades the total (the last ``\boxed{}``); with ``reward.parts_must_sum`` it also needs the
+total to be the sum of the reads (``sums_its_parts``), so that a policy cannot answer apart from its
+reads (without it, RL on the total alone let the tiny policy's reads decay into noise while it boxed
+the most frequent total: README, "Multi-part counting"). This module grades each part, so validation
 can report the accuracy of a part by its POSITION in the problem's order (first part ... last part):
 when a policy stops looking at the image late in its response, the late positions fall first.
 

@@ -8,8 +8,11 @@
 ``total = (1 - format_weight) * accuracy + format_weight * format`` (EasyR1's weighting; with the
 default ``format_weight = 0`` the reward is the paper's binary accuracy). The format reward is computed
 here, in the trainer process (a linear string check that cannot hang), unless a custom function
-returns its own. A grading call that raises or exceeds ``timeout_s`` scores accuracy 0, keeps the
-format reward, and is logged with its row id; the batch always completes.
+returns its own. With ``parts_must_sum``, a multi-part row (``info["parts"]``) scores accuracy 0
+unless its boxed total is also the sum of the counts its reasoning reads (``parts.sums_its_parts``,
+a linear scan in this process too): the reads must carry the answer. A grading call that raises or
+exceeds ``timeout_s`` scores accuracy 0, keeps the format reward, and is logged with its row id; the
+batch always completes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from megatron_vgpo.rewards.custom import load_custom_fn
 from megatron_vgpo.rewards.extract import format_reward
 from megatron_vgpo.rewards.graders import GRADERS
+from megatron_vgpo.rewards.parts import sums_its_parts
 from megatron_vgpo.rewards.pool import GradingPool, Outcome
 
 if TYPE_CHECKING:
@@ -93,6 +97,8 @@ class RewardScorer:
                 value = outcome.value
                 accuracy, error, extra = float(value["accuracy"]), None, value["extra"]
                 fmt = value["format"] if value["format"] is not None else format_reward(response)
+                if self.cfg.parts_must_sum and info.get("parts") and not sums_its_parts(response, info["parts"]):
+                    accuracy = 0.0
             else:
                 accuracy, error, extra, fmt = 0.0, str(outcome.value), {}, format_reward(response)
                 logger.warning("reward: row %s scored 0 (%s): %s", info.get("row_id", "?"), outcome.status, error)

@@ -237,7 +237,8 @@ class Rollouts:
                                                       skip_special_tokens=True)
         ex = [examples[batch.request_index[r]] for r in rows]
         return self.grader.submit(texts, [e.answer for e in ex],
-                                  [{"row_id": e.row_id, "source": e.source, "problem": e.problem} for e in ex])
+                                  [{"row_id": e.row_id, "source": e.source, "problem": e.problem, "parts": e.parts}
+                                   for e in ex])
 
     # ---------------------------------------------------------------------------------- sampling
 

@@ -38,21 +38,27 @@ def _count_by_color(image: np.ndarray, cell: int) -> Counter:
     return out
 
 
-def test_deterministic_per_seed_and_balanced_per_position():
-    opts = MulticountOptions()  # 3 parts, counts 0..2
+HARDER = MulticountOptions(size=84, max_count=2, shuffle_parts=True)
+"""Counts 0..2 in 3 x 3 cells, the order drawn per row (not learned in 200 CPU steps: README)."""
+
+
+@pytest.mark.parametrize("opts, per_count, orders", [
+    (MulticountOptions(), 30, 1),  # the defaults: 3 parts, counts 0..1, the same order in every row
+    (HARDER, 20, 6),  # the order drawn per row: all 3! orders
+])
+def test_deterministic_per_seed_and_balanced_per_position(opts, per_count, orders):
     a, b = make_rows(60, 0, "train", opts), make_rows(60, 0, "train", opts)
     assert a == b and make_rows(60, 1, "train", opts) != a
     for position in range(3):
         counts = Counter(json.loads(r["parts"])[position]["count"] for r in a)
-        assert counts == {0: 20, 1: 20, 2: 20}
-    orders = Counter(tuple(p["name"] for p in json.loads(r["parts"])) for r in a)
-    assert len(orders) == 6  # the part order is drawn per row (3! orders)
+        assert counts == {k: per_count for k in range(opts.max_count + 1)}
+    assert len(Counter(tuple(p["name"] for p in json.loads(r["parts"])) for r in a)) == orders
 
 
-def test_labels_are_correct_by_construction_read_from_the_pixels():
+@pytest.mark.parametrize("opts", [MulticountOptions(), HARDER])
+def test_labels_are_correct_by_construction_read_from_the_pixels(opts):
     """With the default kinds (red circles, blue squares, green triangles: one colour each), the count
     of a part is the number of cells of its colour in the image; the answer is their sum."""
-    opts = MulticountOptions()
     for row in make_rows(30, 3, "val", opts):
         parts = parse_parts(row["parts"])
         by_color = _count_by_color(_pixels(row), opts.cell)
@@ -114,7 +120,7 @@ def test_reads_sums_and_position_accuracy_by_hand():
 
 
 def test_structured_warmup_target_has_the_layout_and_no_task_knowledge():
-    rows = make_rows(300, 0, "train", MulticountOptions())
+    rows = make_rows(300, 0, "train", HARDER)
     counts = count_values(r["parts"] for r in rows)
     assert counts == [0, 1, 2]
     rng = random.Random(0)
@@ -137,3 +143,14 @@ def test_cli_writes_the_task(tmp_path):
     table = pq.read_table(tmp_path / "train.parquet").to_pylist()
     assert len(table) == 12 and all(len(parse_parts(r["parts"])) == 3 and r["claim_4"] for r in table)
     assert main(["--output", str(tmp_path / "x"), "--task", "count", "--parts", "3"]) == 2  # not a count option
+
+
+def test_cli_order_flags():
+    from tools.make_synthetic_dataset import parse_args, task_options
+
+    def shuffled(*flags):
+        return task_options(parse_args(["--output", "x", "--task", "multicount", *flags])).shuffle_parts
+
+    assert (shuffled(), shuffled("--random-order"), shuffled("--fixed-order")) == (False, True, False)
+    with pytest.raises(SystemExit):  # one or the other
+        parse_args(["--output", "x", "--task", "multicount", "--random-order", "--fixed-order"])

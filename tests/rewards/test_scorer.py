@@ -140,3 +140,22 @@ def test_a_worker_killed_from_outside_is_replaced(custom_scorer):
     victim.wait()
     results = custom_scorer.score(["a", "b", "c"], ["a", "b", "x"])
     assert [r.accuracy for r in results] == [1.0, 1.0, 0.0] and all(r.error is None for r in results)
+
+
+def test_parts_must_sum_needs_the_total_to_be_the_sum_of_the_reads():
+    """Hand cases: a right total whose reads sum to it; a right total with reads that do not; a wrong
+    total; a row without parts (unaffected); the same batch with the option off (the total alone)."""
+    parts = [{"name": "red circles", "count": 1}, {"name": "blue squares", "count": 0},
+             {"name": "green triangles", "count": 1}]
+    responses = ["<think> red circles 1. blue squares 0. green triangles 1. </think> \\boxed{2}",
+                 "<think> red circles 0. blue squares 0. green triangles 1. </think> \\boxed{2}",
+                 "<think> red circles 1. blue squares 0. green triangles 1. </think> \\boxed{3}",
+                 "<think> red circles 1. blue squares 1. </think> \\boxed{2}",
+                 "<think> two </think> \\boxed{2}"]
+    infos = [{"parts": parts}] * 4 + [{"parts": None}]
+    truths = ["2", "2", "2", "2", "2"]
+    for must_sum, expected in ((True, [1.0, 0.0, 0.0, 0.0, 1.0]), (False, [1.0, 1.0, 0.0, 1.0, 1.0])):
+        scorer = RewardScorer(RewardConfig(num_workers=0, parts_must_sum=must_sum, format_weight=0.5))
+        results = scorer.score(responses, truths, infos)
+        assert [r.accuracy for r in results] == expected, must_sum
+        assert [r.total for r in results] == [0.5 * a + 0.5 for a in expected]  # the format reward is kept
