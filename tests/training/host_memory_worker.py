@@ -1,12 +1,14 @@
 """torchrun worker for ``test_host_memory.py``: one step's experience and pi_old pass at PP 2 x DP 2, with
 the rollout batch's images at a given size; reports each rank's stored pixel bytes and RSS growth.
 
-    torchrun --nproc-per-node 4 tests/training/host_memory_worker.py HF_DIR DATA.parquet OUT_DIR
+    torchrun --nproc-per-node 4 tests/training/host_memory_worker.py HF_DIR OUT_DIR DATA.parquet...
 
 Every rank holds the same rollout batch (prompts referring to their dataset rows, responses); the
 measured phase is what the trainer does with it: ``RowImages`` for this DP rank's rows (pixels on the
 first pipeline stage only) and the pi_old pass through the pipeline. RSS is sampled every 2 ms by a
-thread; growth = peak during the phase - RSS just before it.
+thread; growth = peak during the phase - RSS just before it. The data files are measured one after
+the other in the same launch (smallest images first, so that little freed memory is there to reuse);
+every rank writes ``OUT_DIR/rank{r}.json``: its report per file, in order.
 """
 
 from __future__ import annotations
@@ -57,15 +59,22 @@ class PeakRss:
         self.growth = max(self.peak, self.process.memory_info().rss) - self.start
 
 
-def main(hf_dir: str, data_file: str, out_dir: str) -> None:
+def main(hf_dir: str, out_dir: str, *data_files: str) -> None:
     torch.set_num_threads(1)
     groups = init_parallel(ParallelConfig(pipeline_model_parallel_size=2))
     processor = load_processor(hf_dir)
-    dataset = PromptDataset([data_file], DataConfig(min_pixels=28 * 28, max_pixels=2048 * 2048), processor, 1 << 20)
     chunks = build_policy(AutoConfig.from_pretrained(hf_dir), ModelConfig(params_dtype="float32"), groups)
     load_hf_weights(chunks, hf_dir)
     actor = Actor(chunks, groups, OptimizerConfig(use_distributed_optimizer=False), micro_batch_size=N_RESPONSES,
                   total_steps=1)
+    reports = [measure(actor, groups, processor, data_file) for data_file in data_files]
+    Path(out_dir, f"rank{groups.rank}.json").write_text(json.dumps(reports))
+    destroy_parallel()
+
+
+def measure(actor, groups, processor, data_file: str) -> dict:
+    """This rank's stored pixels and RSS growth for one rollout batch of ``data_file``'s rows."""
+    dataset = PromptDataset([data_file], DataConfig(min_pixels=28 * 28, max_pixels=2048 * 2048), processor, 1 << 20)
     step = RolloutStep()
     for g in range(len(dataset)):
         example = dataset[g]
@@ -88,14 +97,12 @@ def main(hf_dir: str, data_file: str, out_dir: str) -> None:
                                image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), device=groups.device)
     with PeakRss() as passed:
         actor.forward_statistics(exp)
-    report = {"rank": groups.rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank, "rows": len(rows),
+    return {"rank": groups.rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank, "rows": len(rows),
               "distinct_prompts": len({p.row_id for p in prompts}), "pixel_bytes": images.nbytes(),
               "stored_images": len(images.pixels) if images.pixels is not None else 0, "stored_growth": stored.growth,
               "pass_growth": passed.growth,
               "pixels_per_image": [int(g[1] * g[2] * 14 * 14) for g in images.grid_thw.tolist()]}
-    Path(out_dir, f"rank{groups.rank}.json").write_text(json.dumps(report))
-    destroy_parallel()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

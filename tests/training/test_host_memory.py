@@ -45,18 +45,22 @@ def _noise_png(side: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _run(tmp_path, hf_dir, side: int) -> list[dict]:
+def _run(tmp_path, hf_dir, sides: tuple[int, ...]) -> list[list[dict]]:
+    """One launch measuring each image side in turn: per side, each rank's report in rank order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = tmp_path / f"images_{side}.parquet"
-    rows = [{"problem": "<image>How many?", "answer": "1", "images": [{"bytes": _noise_png(side, i), "path": None}]}
-            for i in range(8)]
-    pq.write_table(pa.Table.from_pylist(rows), data)
-    out = tmp_path / f"out_{side}"
+    files = []
+    for side in sides:
+        files.append(tmp_path / f"images_{side}.parquet")
+        rows = [{"problem": "<image>How many?", "answer": "1", "images": [{"bytes": _noise_png(side, i), "path": None}]}
+                for i in range(8)]
+        pq.write_table(pa.Table.from_pylist(rows), files[-1])
+    out = tmp_path / "out"
     out.mkdir()
-    run_torchrun(REPO / "tests" / "training" / "host_memory_worker.py", 4, hf_dir, data, out, timeout=600)
-    return sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+    run_torchrun(REPO / "tests" / "training" / "host_memory_worker.py", 4, hf_dir, out, *files, timeout=600)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    return [[reports[k] for reports in ranks] for k in range(len(sides))]
 
 
 @pytest.mark.distributed
@@ -73,7 +77,7 @@ def test_pixels_stay_on_the_ranks_that_read_them(tmp_path):
     from megatron_vgpo.models.qwen2_5_vl.tiny import TinyOptions, write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "tiny", TinyOptions(seed=0))
-    small, large = _run(tmp_path, model, 56), _run(tmp_path, model, 672)
+    small, large = _run(tmp_path, model, (56, 672))  # one launch, the small images first
     share = 4 * 672 * 672 * 3  # this DP rank's 4 prompts, uint8
     micro_batch_patches = 672 * 672 * 24  # float32 patches of one micro-batch (4 rows of one prompt: one image)
     for s, l in zip(small, large):
