@@ -22,8 +22,9 @@ response gets the late parts wrong: the task where visual forgetting can happen.
 count is exactly uniform over ``min_count..max_count`` when K divides the split size; the per-part
 counts are stored in the row (``parts``: JSON ``[{"name": "red circles", "count": 2}, ...]``, in the
 problem's order). Optional distractors are kinds the question does not name. The defaults (3 parts, each
-0 or 1, a 56-pixel image of 2 x 2 cells, fixed order) are the setting the tiny CPU policy learns within
-200 RL steps with ``reward.parts_must_sum`` (README, "Multi-part counting"); counts up to 2, random
+0 or 1, a 56-pixel image of 2 x 2 cells, fixed order) are the setting where the tiny CPU policy learns
+the total within 200 RL steps with ``reward.parts_must_sum`` (DAPO and VGPO, 3 seeds each: 48-100%
+against 40.6% by a constant answer; README, "Multi-part counting"); counts up to 2, random
 order or a 84-pixel image did not leave chance in 200 steps, and more parts or distractors are harder
 still.
 
