@@ -36,6 +36,7 @@ from megatron_vgpo.rollout.transport import CollectiveTransport
 from megatron_vgpo.rollout.shard_sync import vllm_region, vocab_aligned
 from megatron_vgpo.rollout.weight_sync import WeightResharder
 from tests.rollout.transport_worker import BUCKET_BYTES, tp2_pp2_policy
+from tests.rollout.weight_sync_worker import sync_checks
 
 
 def formula(sync: WeightResharder) -> dict[str, dict[str, int]]:
@@ -134,8 +135,6 @@ def engine_checks(chunks, groups, model_dir: str) -> dict:
 
 def main(model_dir: str, out_dir: str, modes: str) -> None:
     chunks, groups = tp2_pp2_policy(model_dir)
-    from tests.rollout.weight_sync_worker import sync_checks
-
     checks = {"stream": stream_checks, "engine": engine_checks, "sync": sync_checks}
     assert "sync" not in modes.split(",")[:-1], "sync changes the weights: it runs last"
     results = {mode: checks[mode](chunks, groups, model_dir) for mode in modes.split(",")}

@@ -72,8 +72,9 @@ def assert_streams_correct(got: dict, rank: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(has("vllm"), reason="with vLLM, the shared TP2 x PP2 launch (conftest.tp2_pp2_results, mode sync) runs "
-                    "these same checks (check_stream on both transports, assert_streams_correct) before its engines")
+@pytest.mark.skipif(has("vllm"), reason="with vLLM, the shared TP2 x PP2 launch (conftest.tp2_pp2_results, "
+                    "mode sync) runs these same checks (check_stream on both transports, assert_streams_correct) "
+                    "before its engines")
 def test_tp2_pp2_stream_through_both_transports(tiny_vl_dir, tmp_path):
     run_torchrun(WORKER, 4, tiny_vl_dir, tmp_path, timeout=600)
     for rank in range(4):
